@@ -1,0 +1,171 @@
+"""Config as nested dataclasses, loaded from YAML with ``a.b=c`` command-line overrides.
+
+Usage: ``cfg = load_config(GenerateConfig, "configs/demo.yaml", ["sampling.cfg_scale=2.0"])``. YAML files carry
+values only; the dataclasses are the single schema. Unknown keys are errors that name the closest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit the schema."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Component configs shared by several jobs. Job-level configs (GRPO, eval, ...) compose these.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Where the AR policy comes from: a checkpoint root (``ar_model/`` inside it, or the AR model at the root), or
+    ``tiny`` for the built-in seeded tiny model used by demos and tests."""
+
+    path: str = "tiny"
+    dtype: str = "float32"  # float32 | bfloat16
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    tiny_seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """How the AR policy samples bits (spec §4): AR image size, temperature, classifier-free guidance."""
+
+    ar_height: int = 512
+    ar_width: int = 512
+    temperature: float = 1.0
+    cfg_scale: float = 1.0
+    # reference: cond and uncond rows draw their bits independently (the published code; reproduces its numbers).
+    # shared: both rows feed back the same bits (standard CFG).
+    cfg_mode: str = "reference"
+
+    def __post_init__(self):
+        for name in ("ar_height", "ar_width"):
+            value = getattr(self, name)
+            if value <= 0 or value % 32:
+                raise ConfigError(f"sampling.{name}={value}: AR sizes must be positive multiples of 32")
+        if self.temperature <= 0:
+            raise ConfigError(f"sampling.temperature={self.temperature}: must be > 0")
+        if self.cfg_scale < 1:
+            raise ConfigError(f"sampling.cfg_scale={self.cfg_scale}: must be >= 1 (1 disables guidance)")
+        _check_choice("sampling.cfg_mode", self.cfg_mode, ("reference", "shared"))
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading machinery
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build ``cls`` from a YAML file (optional) plus ``a.b=c`` overrides (values parsed as YAML scalars)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides or []:
+        apply_override(data, item)
+    where = str(path) if path is not None else "<overrides>"
+    return from_dict(cls, data, where=where)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``data[a][b] = c`` for the override string ``a.b=c``."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected the form key.sub=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>", prefix: str = "") -> T:
+    """Recursively build dataclass ``cls`` from a mapping; unknown keys raise with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.0)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {prefix}{key!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, where, prefix=f"{name}.")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where, name) if len(args) == 1 else value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {name} must be a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(item_tp, v, where, f"{name}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {name} must be a mapping, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2:
+            return {k: _coerce(args[1], v, where, f"{name}.{k}") for k, v in value.items()}
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: {name} must be {tp.__name__}, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: {name} must be int, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict view (for logging and for writing the resolved config next to a run's outputs)."""
+    return dataclasses.asdict(cfg)
+
+
+def parse_cli(cls: type[T], argv: list[str] | None, default_config: str | None = None) -> tuple[T, Any]:
+    """Shared ``--config FILE [a.b=c ...]`` parsing for the jobs; returns (config, argparse namespace)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=default_config, help="YAML file in configs/")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the configured run dir")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    return load_config(cls, args.config, args.overrides), args
