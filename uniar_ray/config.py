@@ -114,8 +114,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>", prefi
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.0)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {prefix}{key!r}{hint}")
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
     try:
         return cls(**kwargs)
