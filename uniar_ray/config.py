@@ -169,3 +169,14 @@ def parse_cli(cls: type[T], argv: list[str] | None, default_config: str | None =
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     args = parser.parse_args(argv)
     return load_config(cls, args.config, args.overrides), args
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """``jobs.demo``: generate a few images with a (tiny or published) policy and write PNGs."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(ar_height=128, ar_width=128))
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["a red apple on a wooden table"])
+    seed: int = 0
+    out_dir: str = "runs/demo"

@@ -86,8 +86,8 @@ def build_tiny_policy(seed: int = 0, config: UniARConfig | None = None, dtype: t
     return policy.to(dtype).eval()
 
 
-def _init_weights(module: nn.Module, gen: torch.Generator, std: float = 0.1) -> None:
-    # std 0.1 (not HF's 0.02) so tiny models have clearly non-uniform bit distributions: tests that compare
+def _init_weights(module: nn.Module, gen: torch.Generator, std: float = 0.05) -> None:
+    # std 0.05 (not HF's 0.02) so tiny models have clearly non-uniform bit distributions: tests that compare
     # log-probabilities are then not trivially satisfied by logits near zero.
     with torch.no_grad():
         for name, p in module.named_parameters():

@@ -35,11 +35,14 @@ class _Item:
 
 
 class TorchRolloutEngine:
-    def __init__(self, policy: UniARPolicy, max_batch: int = 16):
+    def __init__(self, policy: UniARPolicy, max_batch: int = 16, recompute_visual_stack: bool = False):
+        """recompute_visual_stack=True runs the reference's algorithm (the visual stack over the whole sequence at
+        every step, no cache); only benchmarks and tests use it, as the baseline the cache is measured against."""
         if policy.tokenizer is None:
             raise ValueError("the policy has no tokenizer: load it from a checkpoint folder with tokenizer files")
         self.policy = policy.eval()
         self.max_batch = max_batch
+        self.recompute_visual_stack = recompute_visual_stack
         self._tokens = 0
         self._seconds = 0.0
         self._images = 0
@@ -134,6 +137,7 @@ class TorchRolloutEngine:
         h = lm(embeds, positions[:, :, :p], mask, visual_mask=vmask, deepstack=deep, cache=bb, start=0)
         cos, sin = lm.rotary_emb(positions[:, :, :p], h.dtype)
         last = pol.visual_stack(h, cos, sin, mask, cache=vc, start=0)[:, -1]
+        history = [h]  # backbone states, kept only for the no-cache baseline
 
         gens = make_generators([it.req.seed for it in items])
         temps = torch.tensor([it.req.temperature for it in items], device=dev)
@@ -160,11 +164,22 @@ class TorchRolloutEngine:
             mask = attention_mask(key_valid[:, : t + 1], 1)
             h = lm(main[:, None].to(pol.dtype), positions[:, :, t: t + 1], mask, visual_mask=ones, deepstack=ds,
                    cache=bb, start=t)
-            cos, sin = lm.rotary_emb(positions[:, :, t: t + 1], h.dtype)
-            last = pol.visual_stack(h, cos, sin, mask, cache=vc, start=t)[:, -1]
+            if self.recompute_visual_stack:
+                history.append(h)
+                last = self._recompute_last(history, positions[:, :, : t + 1], key_valid[:, : t + 1])
+            else:
+                cos, sin = lm.rotary_emb(positions[:, :, t: t + 1], h.dtype)
+                last = pol.visual_stack(h, cos, sin, mask, cache=vc, start=t)[:, -1]
         self._tokens += n * len(items)
         self._images += len(items)
         return [self._record(it, tp, k, out_bits[k], out_lp[k]) for k, it in enumerate(items)]
+
+    def _recompute_last(self, history, positions, key_valid):
+        """The reference's step: the visual stack over every position so far, output at the last one."""
+        pol = self.policy
+        h = torch.cat(history, dim=1)
+        cos, sin = pol.model.language_model.rotary_emb(positions, h.dtype)
+        return pol.visual_stack(h, cos, sin, attention_mask(key_valid, key_valid.shape[1]))[:, -1]
 
     def _uncond_bits(self, bits, lp, cfg_rows, shared, gens, dev):
         """Bits fed back into each row: cond rows get their own bits; an uncond row gets its item's bits (shared)

@@ -1,0 +1,7 @@
+"""Entry points (``python -m jobs.<name> --config configs/<file>.yaml [a.b=c ...]``), also run via ``ray job submit``.
+
+CONFIG_SCHEMAS maps a config file (by stem, or by its folder under configs/) to the dataclass that validates it.
+"""
+from uniar_ray.config import DemoConfig
+
+CONFIG_SCHEMAS = {"demo": DemoConfig}
