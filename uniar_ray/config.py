@@ -180,3 +180,32 @@ class DemoConfig:
     prompts: list[str] = dataclasses.field(default_factory=lambda: ["a red apple on a wooden table"])
     seed: int = 0
     out_dir: str = "runs/demo"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmarks (benchmarks/; the generation defaults per benchmark are benchmarks.<name>.DEFAULTS)
+# ----------------------------------------------------------------------------------------------------------------
+
+BENCHMARK_NAMES = ("geneval", "oneig", "longtext", "imgedit")
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+    """Which benchmark an eval run writes and where its inputs come from. Empty / zero values mean the
+    benchmark's own default (prompt file under ../shared/data, samples per prompt, image root)."""
+
+    name: str = "geneval"
+    prompt_file: str = ""
+    limit: int = 0  # first N prompts; 0 = all
+    skip_bad_lines: bool = False  # report malformed prompt lines and go on instead of failing
+    samples_per_prompt: int = 0
+    image_root: str = ""  # edit benchmarks: folder holding meta.input_image paths
+    model_name: str = "uniar"  # oneig: the <model> folder under text/
+    pad_missing: bool = False  # oneig: pad a prompt with missing samples with exactly-black tiles
+
+    def __post_init__(self):
+        _check_choice("benchmark.name", self.name, BENCHMARK_NAMES)
+        if self.limit < 0 or self.samples_per_prompt < 0:
+            raise ConfigError("benchmark: limit and samples_per_prompt must be >= 0 (0 = default)")
+        if not self.model_name or "/" in self.model_name:
+            raise ConfigError(f"benchmark.model_name={self.model_name!r}: a plain folder name")
