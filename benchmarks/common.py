@@ -88,8 +88,8 @@ def read_prompts(
     path: str | Path, *, skip_bad: bool = False, limit: int | None = None, bad_lines: list[BadLine] | None = None
 ) -> list[PromptRecord]:
     """Read a ``{"idx", "prompt", "meta"}`` JSONL file. Blank lines are skipped; a missing ``idx`` is the record's
-    ordinal (as the reference generator does). A bad line raises ``PromptFileError``, or with ``skip_bad`` is
-    appended to ``bad_lines`` and skipped. ``limit`` keeps the first N good records."""
+    ordinal among non-blank lines (as the reference generator does). A bad line raises ``PromptFileError``, or with
+    ``skip_bad`` is appended to ``bad_lines`` and skipped. ``limit`` keeps the first N good records."""
     return list(iter_prompts(path, skip_bad=skip_bad, limit=limit, bad_lines=bad_lines))
 
 
@@ -98,11 +98,13 @@ def iter_prompts(
 ) -> Iterator[PromptRecord]:
     path = Path(path)
     seen: dict[int, int] = {}  # idx -> line, because a duplicate idx would overwrite another prompt's folder
-    ordinal = 0
+    ordinal, kept = -1, 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            # A skipped bad line still takes its ordinal, so fixing it later does not shift the others' folders.
+            ordinal += 1
             try:
                 record = _parse_line(line, default_idx=ordinal)
                 if record.idx in seen:
@@ -115,9 +117,9 @@ def iter_prompts(
                     bad_lines.append(bad)
                 continue
             seen[record.idx] = lineno
-            ordinal += 1
+            kept += 1
             yield record
-            if limit is not None and ordinal >= limit:
+            if limit is not None and kept >= limit:
                 return
 
 
@@ -159,8 +161,8 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        # No fsync: a killed process's bytes survive in the page cache, and the rename is atomic; only a machine
+        # crash could expose a short file, and fsync per image costs more than the whole PNG encode on slow disks.
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -209,7 +209,7 @@ def check_layout(folder: str | Path, records: Iterable[PromptRecord], model_name
             continue
         found = sorted(d.glob(f"{pid}*")) if d.is_dir() else []
         if len(found) != 1:
-            report.problems.append(f"{d.name}/{pid}*: {len(found)} matches ({[p.name for p in found]}), need 1")
+            report.problems.append(f"{d.parent.name}/{d.name}/{pid}*: {len(found)} matches ({[p.name for p in found]}), need 1")
             continue
         with Image.open(found[0]) as image:
             if image.width % GRID[0] or image.height % GRID[1]:
