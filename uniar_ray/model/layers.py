@@ -134,14 +134,11 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.write(layer, start, k, v)
-        rep = self.n_heads // self.n_kv
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        if self.impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.impl == "sdpa":  # grouped-query attention without copying the (growing) K/V cache per head
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
         else:
-            out = _eager_attention(q, k, v, mask)
+            rep = self.n_heads // self.n_kv
+            out = _eager_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -198,8 +195,9 @@ class TextModel(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         final_norm: bool = False,  # the image path skips the final norm (§3.4)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # precomputed (cos, sin) for ``positions``
     ) -> torch.Tensor:
-        cos, sin = self.rotary_emb(positions, embeds.dtype)
+        cos, sin = rope if rope is not None else self.rotary_emb(positions, embeds.dtype)
         h = embeds
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, i, start)

@@ -46,6 +46,7 @@ class TorchRolloutEngine:
         self._tokens = 0
         self._seconds = 0.0
         self._images = 0
+        self.last_step_seconds: list[float] = []  # per-step wall time of the last batch (benchmarks read it)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -147,6 +148,8 @@ class TorchRolloutEngine:
         out_bits = torch.empty(len(items), n, L, U, D, dtype=torch.uint8, device=dev)
         out_lp = torch.empty(len(items), n, L, U, D, dtype=torch.float32, device=dev)
         ones = torch.ones(rows, 1, dtype=torch.bool, device=dev)
+        self.last_step_seconds = []
+        t_step = time.perf_counter()
         for i in range(n):
             logits = pol.head_logits(last).float()  # [rows, L, U, D, 2]
             cond = logits[: len(items)].clone()
@@ -156,20 +159,23 @@ class TorchRolloutEngine:
             lp = bit_logprobs_t(cond, temps)
             bits, blp = sample_bits(lp, draw_uniforms(gens, (L, U, D), dev))
             out_bits[:, i], out_lp[:, i] = bits, blp
+            now = time.perf_counter()
+            self.last_step_seconds.append(now - t_step)
+            t_step = now
             if i == n - 1:
                 break  # the last token's features are never used
             row_bits = self._uncond_bits(bits, lp, cfg_rows, shared, gens, dev)
             main, ds = pol.model.visual.bits_to_features(row_bits)
             t = p + i
             mask = attention_mask(key_valid[:, : t + 1], 1)
+            rope = lm.rotary_emb(positions[:, :, t: t + 1], pol.dtype)  # shared by both stacks
             h = lm(main[:, None].to(pol.dtype), positions[:, :, t: t + 1], mask, visual_mask=ones, deepstack=ds,
-                   cache=bb, start=t)
+                   cache=bb, start=t, rope=rope)
             if self.recompute_visual_stack:
                 history.append(h)
                 last = self._recompute_last(history, positions[:, :, : t + 1], key_valid[:, : t + 1])
             else:
-                cos, sin = lm.rotary_emb(positions[:, :, t: t + 1], h.dtype)
-                last = pol.visual_stack(h, cos, sin, mask, cache=vc, start=t)[:, -1]
+                last = pol.visual_stack(h, *rope, mask, cache=vc, start=t)[:, -1]
         self._tokens += n * len(items)
         self._images += len(items)
         return [self._record(it, tp, k, out_bits[k], out_lp[k]) for k, it in enumerate(items)]
