@@ -72,3 +72,16 @@ def test_score_folder_is_micro_over_images(tmp_path):
     (tmp_path / "80_0.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="80_0.png does not name a known prompt_id"):
         longtext.score_folder(tmp_path, lambda im: "", recs)
+
+
+def test_rapidocr_plugs_into_the_scorer(tmp_path):
+    from PIL import ImageDraw, ImageFont
+
+    from benchmarks.common import rapidocr
+
+    image = Image.new("RGB", (480, 160), "white")
+    ImageDraw.Draw(image).text((20, 50), "HELLO", fill="black", font=ImageFont.load_default(size=56))
+    rec = PromptRecord(0, "p", {"prompt_id": 0, "text": ["Hello there"], "category": "sign"})
+    longtext.writer(tmp_path, samples_per_prompt=1).write_sample(rec, 0, image)
+    result = longtext.score_folder(tmp_path, rapidocr(), [rec])
+    assert result["text_score"] == pytest.approx(0.5)  # "hello" found, "there" not

@@ -57,3 +57,16 @@ def test_benchmark_config_overrides_and_errors():
         load_config(BenchmarkConfig, None, ["name=mmlu"])
     with pytest.raises(ConfigError, match="limit"):
         BenchmarkConfig(limit=-1)
+
+
+def test_resolve_fills_defaults_per_benchmark(shared_data, tmp_path):
+    import benchmarks
+
+    r = benchmarks.resolve(BenchmarkConfig(name="imgedit"))
+    assert r.prompt_file == shared_data / "uniar/eval_prompts/imgedit.jsonl"
+    assert r.image_root == shared_data / "uniar/imgedit_images" and r.samples_per_prompt == 1 and r.limit is None
+    g = benchmarks.resolve(BenchmarkConfig(name="geneval", limit=2, samples_per_prompt=2))
+    assert g.prompt_file.name == "geneval_long.jsonl" and g.image_root is None and g.limit == 2
+    assert g.writer(tmp_path).samples_per_prompt == 2
+    o = benchmarks.resolve(BenchmarkConfig(name="oneig", model_name="m", pad_missing=True)).writer(tmp_path)
+    assert (o.model_name, o.pad_missing, o.samples_per_prompt) == ("m", True, 4)
