@@ -137,6 +137,9 @@ class OneIGWriter:
     def grid_path(self, record: PromptRecord) -> Path:
         return self.out_dir / category_folder(record) / self.model_name / f"{prompt_id(record)}.webp"
 
+    def sample_paths(self, record: PromptRecord) -> list[Path]:
+        return self.staging.sample_paths(record)
+
     def pending(self, record: PromptRecord) -> list[int]:
         return [] if self.grid_path(record).exists() else self.staging.pending(record)
 
@@ -317,6 +320,10 @@ def score_folder(folder: str | Path, ocr: OCR, gt: dict[str, str] | None = None,
             continue
         scored = [score_cell(ocr(tile), text) for tile in tiles]
         cells += scored
-        per_prompt[pid] = aggregate(scored, mode)
+        # the official per-prompt CSV: means over the prompt's cells, WAC as the mean of per-cell ratios
+        per_prompt[pid] = {"ED": sum(c.edit_distance for c in scored) / len(scored),
+                           "CR": sum(c.complete for c in scored) / len(scored),
+                           "WAC": sum(c.matched_words / c.gt_words if c.gt_words else 0.0 for c in scored)
+                           / len(scored)}
     result = aggregate(cells, mode) if cells else {"text_score": None}
     return {**result, "mode": mode, "found": len(per_prompt), "dropped": dropped, "per_prompt": per_prompt}

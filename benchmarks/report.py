@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
-from benchmarks.common import atomic_save_image, atomic_write_text
+from benchmarks.common import PromptRecord, atomic_save_image, atomic_write_text
 
 
 def contact_sheet(rows: Sequence[tuple[str, Sequence[str | Path]]], out_path: str | Path, thumb: int = 256,
@@ -34,6 +34,18 @@ def contact_sheet(rows: Sequence[tuple[str, Sequence[str | Path]]], out_path: st
                 sheet.paste(image, (c * thumb + (thumb - image.width) // 2, y + label_height))
     atomic_save_image(sheet, out_path, "PNG")
     return Path(out_path)
+
+
+def preview(writer: Any, records: Sequence[PromptRecord], out_path: str | Path, prompts: int = 8,
+            thumb: int = 256) -> Path | None:
+    """Contact sheet of the first ``prompts`` records that have samples, from any benchmark writer."""
+    rows = []
+    for record in records:
+        if paths := writer.sample_paths(record):
+            rows.append((f"[{record.idx}] {record.prompt}", paths))
+        if len(rows) == prompts:
+            break
+    return contact_sheet(rows, out_path, thumb) if rows else None
 
 
 def summary_markdown(results: dict[str, Any], title: str = "Results") -> str:

@@ -146,6 +146,7 @@ def test_score_folder_drops_unfound_ids_and_skips_black_cells(tmp_path):
     assert len(ocr_calls) == 6 and (0, 0, 0) not in ocr_calls
     assert result["dropped"] == ["002"] and result["found"] == 2 and result["cells"] == 6
     assert result["WAC"] == pytest.approx(6 / 6) and result["CR"] == pytest.approx(4 / 6)
+    assert result["per_prompt"]["001"] == {"ED": 6.0, "CR": 0.0, "WAC": 1.0}  # "Hello World" vs "Hello"
 
 
 def test_read_official_text_content(shared_data):

@@ -70,3 +70,20 @@ def test_resolve_fills_defaults_per_benchmark(shared_data, tmp_path):
     assert g.writer(tmp_path).samples_per_prompt == 2
     o = benchmarks.resolve(BenchmarkConfig(name="oneig", model_name="m", pad_missing=True)).writer(tmp_path)
     assert (o.model_name, o.pad_missing, o.samples_per_prompt) == ("m", True, 4)
+
+
+@pytest.mark.parametrize("name", ["oneig", "imgedit"])
+def test_preview_from_any_writer(name, tmp_path, shared_data):
+    import benchmarks
+    from benchmarks.report import preview
+
+    module = benchmarks.get(name)
+    records = read_prompts(shared_data / f"uniar/eval_prompts/{name}.jsonl", limit=3)
+    w = module.writer(tmp_path / "out")
+    assert preview(w, records, tmp_path / "none.png") is None  # nothing written yet
+    for r in records[:2]:
+        for k in w.pending(r):
+            w.write_sample(r, k, Image.new("RGB", (40, 20), (0, 200, 0)))
+    sheet = preview(w, records, tmp_path / "sheet.png", thumb=32)
+    with Image.open(sheet) as image:
+        assert image.size == (32 * module.DEFAULTS.samples_per_prompt, 2 * (40 + 32))
