@@ -41,6 +41,13 @@ class Rollout:
     seed: int = 0
     temperature: float = 1.0
     cfg_scale: float = 1.0
+    # Filled in by the GRPO driver after decoding and scoring:
+    group: int = -1  # index of the prompt group (G rollouts of one prompt)
+    rewards: dict[str, float] = dataclasses.field(default_factory=dict)  # per reward function; NaN = n/a
+    reward: float = float("nan")  # weighted nansum over reward functions
+    advantage: float = 0.0
+    excluded: str = ""  # why this sample is left out of the loss (decode/reward failure); "" = trained on
+    task: str | None = None  # routing tag of the prompt (geneval | ocr | general | None)
 
     @classmethod
     def from_bits(cls, bits: torch.Tensor, **kw) -> "Rollout":

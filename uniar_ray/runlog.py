@@ -1,0 +1,133 @@
+"""A run directory: resolved config, metrics.jsonl (one object per step), reward-curve plot, rollout grids and
+checkpoints with the driver's own state (step, data position, RNG).
+
+    run = RunDir("runs/grpo-demo", resume=False)
+    run.log_metrics({"step": 0, "reward_mean": 0.4, ...}); run.plot_rewards()
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class RunDir:
+    def __init__(self, path: str | Path, resume: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()) and not resume:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self.path = self.path.with_name(f"{self.path.name}-{stamp}")  # never overwrite an earlier run
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "grids").mkdir(exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+
+    # -- metrics -----------------------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        clean = {k: _jsonable(v) for k, v in metrics.items()}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, upto_step: int) -> None:
+        """On resume, drop lines of steps after the checkpoint (they will be run again)."""
+        keep = [m for m in self.read_metrics() if m.get("step", -1) < upto_step]
+        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in keep))
+
+    def plot_rewards(self) -> Path | None:
+        rows = self.read_metrics()
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [m["step"] for m in rows]
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+        ax.plot(steps, [m.get("reward_mean", math.nan) for m in rows], marker="o", label="reward (weighted)")
+        names = sorted({k[len("reward/"):-len("/mean")] for m in rows for k in m if k.startswith("reward/") and k.endswith("/mean")})
+        for n in names:
+            ax.plot(steps, [m.get(f"reward/{n}/mean", math.nan) for m in rows], linestyle="--", label=n)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean reward")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out = self.path / "reward_curve.png"
+        fig.savefig(out)
+        plt.close(fig)
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"step-{step:06d}"
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.path / "checkpoints"
+        done = sorted(p for p in root.glob("step-*") if (p / "driver_state.json").exists()) if root.exists() else []
+        return done[-1] if done else None
+
+    def save_driver_state(self, folder: Path, state: dict[str, Any]) -> None:
+        """Written last: a checkpoint folder without this file is incomplete and ignored on resume."""
+        state = dict(state, rng=capture_rng())
+        tmp = folder / "driver_state.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.rename(folder / "driver_state.json")
+
+    def prune_checkpoints(self, keep: int) -> None:
+        root = self.path / "checkpoints"
+        done = sorted(p for p in root.glob("step-*") if (p / "driver_state.json").exists())
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    return {"python": _b64(random.getstate()), "numpy": _b64(np.random.get_state()), "torch": torch.get_rng_state().tolist()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(_unb64(state["python"]))
+    np.random.set_state(_unb64(state["numpy"]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _b64(obj: Any) -> Any:
+    # RNG states are tuples of ints / arrays: store them as JSON lists (no pickle in run files).
+    if isinstance(obj, tuple):
+        return {"t": [_b64(x) for x in obj]}
+    if isinstance(obj, np.ndarray):
+        return {"a": obj.tolist(), "dtype": str(obj.dtype)}
+    return obj
+
+
+def _unb64(obj: Any) -> Any:
+    if isinstance(obj, dict) and "t" in obj:
+        return tuple(_unb64(x) for x in obj["t"])
+    if isinstance(obj, dict) and "a" in obj:
+        return np.asarray(obj["a"], dtype=obj["dtype"])
+    if isinstance(obj, list):
+        return [_unb64(x) for x in obj]
+    return obj
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; a missing figure is null
+    return v
