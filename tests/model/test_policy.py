@@ -148,3 +148,24 @@ def test_bad_bits_shape_is_a_clear_error(tiny_policy):
     tp, bits = _inputs(tiny_policy, ["a cat"])
     with pytest.raises(ValueError, match=r"bits have shape \(1, 4, 4, 4, 64\), expected \(1, 16, 4, 4, 64\)"):
         tiny_policy.bit_logits(tp.input_ids, tp.attention_mask, bits, 128, 128)
+
+
+@pytest.mark.parametrize("variant,keys", [
+    ("plain", {"output_layer_vistok.weight"}),
+    ("layernorm", {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight"}),
+    ("mlp", {"output_layer_vistok.0.weight", "output_layer_vistok.1.weight", "output_layer_vistok.3.weight"}),
+])
+def test_all_three_head_variants_save_and_load(tmp_path, variant, keys):
+    from uniar_ray.model import build_tiny_policy, tiny_config
+
+    cfg = tiny_config()
+    cfg.vistok_pred_layernorm = variant == "layernorm"
+    cfg.vistok_pred_use_mlp = variant == "mlp"
+    policy = build_tiny_policy(1, cfg)
+    head = {k for k in policy.state_dict() if k.startswith("output_layer_vistok")}
+    assert head == keys
+    policy.save_pretrained(tmp_path / "v")
+    again = UniARPolicy.from_pretrained(tmp_path / "v")
+    tp, bits = _inputs(policy, ["a cat"])
+    assert torch.equal(policy.bit_logits(tp.input_ids, tp.attention_mask, bits, 64, 64),
+                       again.bit_logits(tp.input_ids, tp.attention_mask, bits, 64, 64))
