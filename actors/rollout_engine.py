@@ -21,10 +21,15 @@ class RolloutEngineActor:
     def __init__(self, model: ModelConfig, backend: str = "torch", max_batch: int = 16, num_threads: int = 0):
         if num_threads:
             torch.set_num_threads(num_threads)
-        if backend != "torch":
-            raise ValueError(f"rollout backend {backend!r} is not available in this build (supported: torch)")
-        policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed)
-        self.engine = TorchRolloutEngine(policy, max_batch=max_batch)
+        if backend == "vllm":  # imported here: vLLM is heavy and only this backend needs it
+            from uniar_ray.rollout.vllm_engine import VLLMRolloutEngine
+
+            self.engine = VLLMRolloutEngine.from_model_config(model, max_batch=max_batch)
+        elif backend == "torch":
+            policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed)
+            self.engine = TorchRolloutEngine(policy, max_batch=max_batch)
+        else:
+            raise ValueError(f"rollout backend {backend!r}: expected 'torch' or 'vllm'")
         self._tokens_per_s = _gauge("uniar_rollout_tokens_per_s", "AR image tokens generated per second (last call)")
         self._images = _counter("uniar_rollout_images", "images rolled out")
 

@@ -96,13 +96,11 @@ class VLLMRolloutEngine:
         return results  # type: ignore[return-value]
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """In place, no restart. Needs every tensor the image path uses (a full ``UniARPolicy.state_dict()``)."""
+        """In place, no restart. Names as ``UniARPolicy.state_dict()``; a subset is fine if it covers whole
+        modules (q/k/v together, gate/up together, weight and bias together): vLLM reloads module by module."""
         from safetensors.torch import save as save_safetensors
 
-        missing = sorted(self.expected_names - set(state_dict))
-        if missing:
-            raise KeyError(f"update_weights (vLLM): the state dict lacks {len(missing)} tensors the engine uses, "
-                           f"e.g. {missing[:5]}; send the full policy state dict")
+        check_update_names(set(state_dict), self.expected_names)
         blob = save_safetensors({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in state_dict.items()})
         self.llm.collective_rpc("uniar_update_weights", args=(blob,))
 
@@ -179,6 +177,33 @@ def write_vllm_view(ar_folder: Path, out: Path, max_model_len: int) -> Path:
     if index.is_file():
         (out / index.name).symlink_to(index.resolve())
     return out
+
+
+def check_update_names(names: set[str], expected: set[str]) -> None:
+    """Raise if a weight update names unknown tensors or only part of a module (which would reload it half-way)."""
+    from .model import _UNUSED
+
+    unknown = sorted(n for n in names - expected if not _UNUSED.match(n))
+    if unknown:
+        raise KeyError(f"update_weights (vLLM): unknown parameter names {unknown[:5]}")
+    modules: dict[str, set[str]] = {}
+    for n in expected:
+        modules.setdefault(_module_key(n), set()).add(n)
+    partial = sorted(k for k in {_module_key(n) for n in names & expected} if not modules[k] <= names)
+    if partial:
+        missing = sorted(modules[partial[0]] - names)
+        raise KeyError(f"update_weights (vLLM): {len(partial)} modules are only partly in the state dict, e.g. "
+                       f"{partial[0]!r} lacks {missing}; send whole modules (or the full state dict)")
+
+
+def _module_key(name: str) -> str:
+    """The vLLM module a checkpoint tensor lands in (q/k/v and gate/up are fused there)."""
+    module = name.rsplit(".", 1)[0]
+    for part, fused in ((".q_proj", ".qkv"), (".k_proj", ".qkv"), (".v_proj", ".qkv"), (".gate_proj", ".gate_up"),
+                        (".up_proj", ".gate_up")):
+        if module.endswith(part):
+            return module[: -len(part)] + fused
+    return module
 
 
 def _used_names(ar_folder: Path) -> set[str]:
