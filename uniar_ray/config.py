@@ -249,6 +249,11 @@ class RewardConfig:
                 if name not in REWARD_KINDS:
                     raise ConfigError(f"rewards.models.{name}: set kind (one of {', '.join(REWARD_KINDS)})")
                 spec.kind = name
+            need = {"geneval": ("model_path", "clip_path"), "hps": ("model_path",), "pickscore": ("model_path",),
+                    "judge": ("model_path",)}.get(spec.kind, ())
+            for key in need:
+                if not getattr(spec, key):
+                    raise ConfigError(f"rewards.models.{name}: {spec.kind} needs {key} (a local folder, or tiny)")
         _check_choice("rewards.wire_format", self.wire_format, ("array", "png"))
         if self.max_restarts < 0 or self.max_task_retries < 0:
             raise ConfigError("rewards: max_restarts and max_task_retries must be >= 0")
@@ -310,3 +315,143 @@ class RolloutConfig:
         _check_choice("rollout.backend", self.backend, ("torch", "vllm"))
         if self.num_actors < 1 or self.max_batch < 1:
             raise ConfigError("rollout.num_actors and rollout.max_batch must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO (uniar_ray/grpo.py) and RL data (uniar_ray/data.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """GRPO hyper-parameters, with the reference's names and its launch-script values (spec §7.8; where the launch
+    script and TRL's GRPOConfig differ, the launch script wins: lr 5e-6 not 1e-6, beta 0.01 not 0.0)."""
+
+    # Optimiser and schedule (AdamW; max_grad_norm 0 = no clipping)
+    learning_rate: float = 5e-6
+    lr_scheduler_type: str = "linear"  # linear | constant
+    warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # Groups and sampling
+    num_generations: int = 16  # G rollouts per prompt
+    num_iterations: int = 1  # optimizer steps per generation batch
+    temperature: float = 1.0
+    # Advantages (spec §7.5)
+    scale_rewards: str | bool = "group"  # group (True) | batch | none (False)
+    all_nan_rewards: str = "exclude"  # rows no reward applies to: exclude | zero (the reference: 0 + a warning)
+    # Loss (spec §7.7)
+    beta: float = 0.01  # k3 KL weight; 0 = no reference policy
+    epsilon: float = 0.2  # lower clip
+    epsilon_high: float | None = None  # upper clip; None = epsilon
+    delta: float | None = None  # two-sided clipping: upper bound on the ratio (must be > 1)
+    importance_sampling_level: str = "token"  # token (per bit) | sequence (per image)
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    loss_use_float: bool = True  # score the bit logits in fp32
+    logits_use_temperature: bool = True  # divide the logits by temperature before the log-softmax
+    bsq_loss_normalize: bool = False  # grpo: per-sample sum over bits / N (1024x the default scale, spec §7.7)
+    max_completion_length: int = 256  # only used by dr_grpo's denominator (a text length; kept for parity)
+    # Truncated importance sampling against the rollout engine's per-bit log-probs (TRL's names; here it applies
+    # to any rollout engine, torch or vLLM)
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_cap: float = 2.0
+    # Decoding of rollouts for the rewards
+    decode_num_inference_steps: int = 14
+    decode_cfg_scale: float = 1.0  # 1.0 = no decoder CFG
+
+    def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        _check_choice("grpo.scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        _check_choice("grpo.all_nan_rewards", self.all_nan_rewards, ("exclude", "zero"))
+        _check_choice("grpo.lr_scheduler_type", self.lr_scheduler_type, ("linear", "constant"))
+        _check_choice("grpo.importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
+        _check_choice("grpo.loss_type", self.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo"))
+        if self.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations={self.num_generations}: GRPO needs at least 2 samples per "
+                              "prompt to compute group advantages")
+        if self.num_iterations < 1 or self.warmup_steps < 0:
+            raise ConfigError("grpo.num_iterations must be >= 1 and grpo.warmup_steps >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"grpo.temperature={self.temperature}: must be > 0")
+        if self.learning_rate < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("grpo.learning_rate, weight_decay and max_grad_norm must be >= 0")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_epsilon <= 0:
+            raise ConfigError("grpo.adam_beta1/adam_beta2 must be in [0, 1) and adam_epsilon > 0")
+        if self.beta < 0:
+            raise ConfigError(f"grpo.beta={self.beta}: the KL weight must be >= 0")
+        if not 0 <= self.epsilon < 1:
+            raise ConfigError(f"grpo.epsilon={self.epsilon}: the lower clip must be in [0, 1)")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"grpo.epsilon_high={self.epsilon_high}: must be >= 0 (or null = epsilon)")
+        if self.delta is not None and self.delta <= 1:
+            raise ConfigError(f"grpo.delta={self.delta}: the upper bound on the ratio must be > 1 (or null = off); "
+                              "at or below 1 it cuts the on-policy ratio itself")
+        if self.max_completion_length < 1:
+            raise ConfigError("grpo.max_completion_length must be >= 1")
+        if self.vllm_importance_sampling_cap <= 0:
+            raise ConfigError(f"grpo.vllm_importance_sampling_cap={self.vllm_importance_sampling_cap}: must be > 0")
+        if self.decode_num_inference_steps < 1 or self.decode_cfg_scale < 1:
+            raise ConfigError("grpo.decode_num_inference_steps must be >= 1 and grpo.decode_cfg_scale >= 1")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """RL prompts: a JSONL file or a YAML mix (spec §7.1-7.2), and how many prompts a step takes.
+
+    A relative ``path`` is looked up in the working directory, the repository root, then ``../shared/data``."""
+
+    path: str = "uniar/rl_demo/demo_mix.yaml"
+    prompt_key: str = "instruction"
+    prompts_per_step: int = 32  # the reference: 512 samples per optimizer step / G 16
+    seed: int = 42  # mix sampling and the per-epoch prompt order
+    shuffle: bool = True  # the reference's shuffle_dataset
+    skip_bad_lines: bool = False  # log, count and skip malformed lines instead of failing
+
+    def __post_init__(self):
+        if not self.path.endswith((".jsonl", ".yaml", ".yml")):
+            raise ConfigError(f"data.path={self.path!r}: must end in .jsonl (records) or .yaml/.yml (a mix)")
+        if not self.prompt_key:
+            raise ConfigError("data.prompt_key must not be empty")
+        if self.prompts_per_step < 1:
+            raise ConfigError(f"data.prompts_per_step={self.prompts_per_step}: must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer actors and the cluster (actors/trainer.py, jobs/)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Data-parallel trainer actors: DeepSpeed ZeRO (gloo + torch AdamW on CPU, NCCL on GPU)."""
+
+    world_size: int = 1
+    micro_batch_size: int = 2  # samples per forward/backward (the reference's per_device_train_batch_size)
+    zero_stage: int = 2  # 2 or 3
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    num_threads: int = 0  # torch threads per actor (0: torch's default)
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+
+    def __post_init__(self):
+        if self.world_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError("trainer.world_size and trainer.micro_batch_size must be >= 1")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"trainer.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+        _check_choice("trainer.placement_strategy", self.placement_strategy,
+                      ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
+@dataclasses.dataclass
+class ClusterConfig:
+    """Where Ray runs: an address (``auto`` inside ``ray job submit``) or an embedded local instance."""
+
+    address: str = ""  # "" = start a local Ray in the job; "auto" = join the running cluster
+    num_cpus: int = 0  # local Ray only; 0 = all cores
+    dashboard: bool = False  # local Ray only: start the dashboard (metrics, actor health)
+    log_to_driver: bool = False
