@@ -12,6 +12,8 @@ import torch
 from uniar_ray.model import UniARPolicy, bit_logprobs, build_tiny_policy, generation_text, tokenize
 from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError, TorchRolloutEngine
 
+pytestmark = pytest.mark.slow  # one vLLM start (~20 s on 2 cores) for the module
+
 PROMPTS = ["a red cat", "two dogs on a wooden bench under a tree, photorealistic, at sunset", "a poster"]
 H, W = 64, 128  # N = 8 tokens on a 2 x 4 grid: non-square, so the M-RoPE (h, w) positions are exercised
 
