@@ -3,6 +3,8 @@ the whole sequence at every step), same weights, side by side in one run.
 
     python -m perf.rollout                 # bench config, batch 8, N = 64 and 256 (+ N = 900 at batch 2), fp32 + bf16
     python -m perf.rollout --quick         # N = 64 only, fp32
+    python -m perf.rollout --quick --vllm  # + the vLLM engine vs torch vs reference, 32 concurrent requests, fp32
+    python -m perf.rollout --vllm-only --threads 1   # only that section (vLLM's worker computes on one core)
 Each (engine, N, dtype) runs in a fresh process so its peak RSS is its own. Last line: one JSON object.
 """
 from __future__ import annotations
@@ -40,6 +42,58 @@ def _measure(engine_kind: str, n: int, batch: int, dtype: str, threads: int) -> 
     return out
 
 
+def _measure_vllm(n: int, requests: int, conn) -> None:
+    """The vLLM engine on the bench config: ``requests`` concurrent requests (max_num_seqs = requests), fp32."""
+    import tempfile
+    from pathlib import Path
+
+    from uniar_ray.model.tiny import bench_config, write_tiny_checkpoint
+    from uniar_ray.rollout import GenerationRequest
+    from uniar_ray.rollout.vllm_engine import VLLMRolloutEngine
+
+    folder = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="uniar-bench-")) / "ar_model", 0, bench_config())
+    t0 = time.perf_counter()
+    engine = VLLMRolloutEngine(folder, max_batch=requests, kvcache_gib=1.0, max_model_len=128 + n)
+    start_s = time.perf_counter() - t0
+    h, w = SIDE[n]
+    reqs = [GenerationRequest(f"prompt number {i} with a few words", h, w, seed=i) for i in range(requests)]
+    engine.generate([GenerationRequest("warm up", 64, 64)])
+    t0 = time.perf_counter()
+    out = engine.generate(reqs)
+    seconds = time.perf_counter() - t0
+    assert all(r.bits_shape[0] == n for r in out)
+    engine.close()
+    conn.send({"engine": "vllm", "n": n, "batch": requests, "dtype": "fp32", "seconds": round(seconds, 3),
+               "tokens_per_s": round(n * requests / seconds, 1), "engine_start_s": round(start_s, 1),
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+               "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024})
+
+
+def _run_vllm(n: int, requests: int) -> dict:
+    # Not a Pool: vLLM spawns its own EngineCore and worker processes, which a daemonic pool worker may not.
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_measure_vllm, args=(n, requests, child))
+    proc.start()
+    row = parent.recv()
+    proc.join()
+    return row
+
+
+def _vllm_section(requests: int, threads: int, rows: list, ratios: dict) -> None:
+    """vLLM next to the cached torch engine and the reference algorithm, same requests, fp32."""
+    for n in (64, 256):
+        runs = {"vllm": _run_vllm(n, requests)}
+        for kind in ("cached", "reference"):
+            runs[kind] = _run((kind, n, requests, "fp32", threads))
+        for row in runs.values():
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ratios[f"vllm_over_cached_n{n}_b{requests}"] = round(runs["vllm"]["tokens_per_s"] / runs["cached"]["tokens_per_s"], 2)
+        ratios[f"vllm_over_reference_n{n}_b{requests}"] = round(
+            runs["vllm"]["tokens_per_s"] / runs["reference"]["tokens_per_s"], 2)
+
+
 def _run(args) -> dict:
     with mp.get_context("spawn").Pool(1) as pool:
         return pool.apply(_measure, args)
@@ -50,8 +104,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-reference-900", action="store_true", help="the no-cache N=900 run takes minutes")
+    ap.add_argument("--vllm", action="store_true", help="add the vLLM engine section (N = 64, 256; fp32)")
+    ap.add_argument("--vllm-requests", type=int, default=32, help="concurrent requests in the vLLM section")
+    ap.add_argument("--vllm-only", action="store_true", help="run only the vLLM section")
     a = ap.parse_args(argv)
-    plan = [(64, 8)] if a.quick else [(64, 8), (256, 8), (900, 2)]
+    plan = [] if a.vllm_only else [(64, 8)] if a.quick else [(64, 8), (256, 8), (900, 2)]
     dtypes = ["fp32"] if a.quick else ["fp32", "bf16"]
     rows, ratios = [], {}
     for dtype in dtypes:
@@ -65,6 +122,8 @@ def main(argv=None):
             rows.append(ref)
             print(json.dumps(ref), flush=True)
             ratios[f"speedup_n{n}_{dtype}"] = round(cached["tokens_per_s"] / ref["tokens_per_s"], 2)
+    if a.vllm or a.vllm_only:
+        _vllm_section(a.vllm_requests, a.threads, rows, ratios)
     print(json.dumps({"bench": "rollout", "threads": a.threads, "ratios": ratios, "runs": rows}))
 
 
