@@ -1,0 +1,376 @@
+"""RL prompt data (spec §7.1-7.2, benchmarks_spec §7.1-7.2): JSONL records, YAML mixes, a resumable prompt sampler.
+
+    dataset = load_dataset(cfg.data.path, seed=cfg.data.seed, skip_bad_lines=cfg.data.skip_bad_lines)
+    sampler = PromptSampler(dataset.records, cfg.data.prompts_per_step, seed=cfg.data.seed)
+    prompts = sampler.next_batch()              # list[PromptRecord]; checkpoint sampler.state_dict()
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import yaml
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # public data lives beside the checkout, never inside it
+MIX_ENTRY_KEYS = ("name", "json_path", "sampled_ratio")
+
+
+class DataError(ValueError):
+    """A data file or mix cannot be used; the message names the file (and the 1-based line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+    """One RL prompt. ``prompt`` is the instruction text (the reference's ``raw_prompt``); the chat template
+    (spec §4.1) is applied by the rollout engine. ``task`` routes rewards (geneval | ocr | general | None)."""
+
+    prompt: str
+    number: int  # the record's id within its file, for logging (not unique across a mix)
+    task: str | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # geneval: tag / include / exclude
+    source: str = ""  # the mix entry's name (the file stem for a single JSONL)
+    line: int = 0  # 1-based line in the source file
+
+    def reward_kwargs(self) -> dict[str, Any]:
+        """The dataset columns the reference passes to reward functions. ``metadata`` is a deep copy: the
+        reference's geneval reward mutates it (spec §10.16), which must not leak into the next epoch."""
+        return {"raw_prompt": self.prompt, "task": self.task, "metadata": copy.deepcopy(self.metadata),
+                "number": self.number}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# JSONL records
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(
+    path: str | Path,
+    prompt_key: str = "instruction",
+    *,
+    source: str | None = None,
+    skip_bad_lines: bool = False,
+    bad_lines: list[BadLine] | None = None,
+) -> list[PromptRecord]:
+    """Records of one JSONL file, in file order. Blank lines are ignored. A malformed line raises ``DataError``
+    naming the file and line, or with ``skip_bad_lines`` is appended to ``bad_lines`` (and logged) and skipped."""
+    path = Path(path)
+    name = source if source is not None else path.stem
+    records: list[PromptRecord] = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(parse_record(line, prompt_key, source=name, line=lineno))
+            except ValueError as e:
+                bad = BadLine(str(path), lineno, str(e))
+                if not skip_bad_lines:
+                    raise DataError(f"{bad} (set data.skip_bad_lines=true to skip such lines)") from None
+                logger.warning("skipping bad line %s", bad)
+                if bad_lines is not None:
+                    bad_lines.append(bad)
+    return records
+
+
+def parse_record(text: str, prompt_key: str = "instruction", *, source: str = "", line: int = 0) -> PromptRecord:
+    """One JSONL line -> ``PromptRecord``; ``ValueError`` saying what is wrong otherwise."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    prompt = obj.get(prompt_key)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{prompt_key!r} must be a non-empty string, got {prompt!r}")
+    if "number" not in obj:
+        raise ValueError("'number' is missing (required, the record's id)")
+    number = obj["number"]
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise ValueError(f"'number' must be an integer, got {number!r}")
+    task = obj.get("task")
+    if task is not None and not isinstance(task, str):
+        raise ValueError(f"'task' must be a string or null, got {task!r}")
+    metadata = obj.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"'metadata' must be an object, got {type(metadata).__name__}")
+    if task == "geneval":
+        _check_geneval_metadata(metadata)
+    return PromptRecord(prompt=prompt, number=number, task=task, metadata=metadata, source=source, line=line)
+
+
+def _check_geneval_metadata(meta: dict[str, Any]) -> None:
+    """The GenEval reward needs ``tag`` and ``include`` items as objects (benchmarks_spec §7.1: the documented
+    ``"include": ["cat"]`` form crashes the reference server; here it is caught when the data is read)."""
+    if not isinstance(meta.get("tag"), str):
+        raise ValueError(f"geneval metadata needs a string 'tag', got {meta.get('tag')!r}")
+    for key in ("include", "exclude"):
+        items = meta.get(key, [] if key == "exclude" else None)
+        if not isinstance(items, list) or (key == "include" and not items):
+            raise ValueError(f"geneval metadata '{key}' must be a {'non-empty ' if key == 'include' else ''}list")
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("class"), str):
+                raise ValueError(f"geneval metadata '{key}' items must be objects with a 'class', got {item!r}")
+            count = item.get("count", 1)
+            if not isinstance(count, int) or isinstance(count, bool) or count < (1 if key == "include" else 0):
+                raise ValueError(f"geneval metadata '{key}' item {item['class']!r}: bad count {count!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML mixes and the dataset
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MixEntry:
+    """One ``datasets`` entry of a mix, with what was read and kept."""
+
+    name: str
+    path: str  # the resolved JSONL path
+    sampled_ratio: float
+    total: int  # good records in the file
+    sampled: int  # records kept
+
+
+@dataclasses.dataclass
+class RLDataset:
+    """The prompts of a run: records in mix order (each entry's sample, entries concatenated in YAML order)."""
+
+    records: list[PromptRecord]
+    entries: list[MixEntry]
+    bad_lines: list[BadLine] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> PromptRecord:
+        return self.records[i]
+
+    def summary(self) -> str:
+        parts = [f"{e.name}: {e.sampled}/{e.total}" for e in self.entries]
+        bad = f", {len(self.bad_lines)} bad lines skipped" if self.bad_lines else ""
+        return f"{len(self.records)} prompts ({', '.join(parts)}){bad}"
+
+
+def sample_count(value: Any, total: int, where: str = "sampled_ratio") -> tuple[int, bool]:
+    """How many of ``total`` records an entry keeps, and whether they are all kept in file order.
+
+    benchmarks_spec §7.2: value == 1 -> all, in file order; 0 < value < 1 -> int(total * value), sampled without
+    replacement; otherwise min(int(value), total), sampled without replacement (3 -> 3, 2.7 -> 2, 0 -> none, more
+    than total -> all, shuffled); negative, non-numeric, NaN or infinite -> error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}={value!r}: must be a number (1 = all, 0 < r < 1 = fraction, else a count)")
+    if not math.isfinite(value) or value < 0:
+        raise DataError(f"{where}={value!r}: must be a finite number >= 0")
+    if value == 1:
+        return total, True
+    if 0 < value < 1:
+        return int(total * value), False
+    return min(int(value), total), False
+
+
+def resolve_json_path(json_path: str, yaml_dir: Path) -> Path:
+    """An entry's ``json_path``: absolute as is; relative against the YAML's folder, then the YAML's folder + the
+    file name (the reference writes ``data/rl_demo/x.jsonl`` relative to its repository root)."""
+    p = Path(json_path)
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [yaml_dir / p, yaml_dir / p.name]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(f"json_path {json_path!r} not found; tried {', '.join(str(c) for c in candidates)}")
+
+
+def load_mix(
+    yaml_path: str | Path,
+    *,
+    seed: int = 42,
+    prompt_key: str = "instruction",
+    skip_bad_lines: bool = False,
+) -> RLDataset:
+    """A YAML mix ``datasets: [{name, json_path, sampled_ratio}]``. Entry i is sampled with its own generator
+    seeded by (seed, i): the same seed gives the same mix on every worker and every run (the reference samples
+    unseeded and per rank, spec §10.15), and editing one entry does not change the others' samples."""
+    yaml_path = Path(yaml_path)
+    try:
+        with open(yaml_path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise DataError(f"{yaml_path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise DataError(f"{yaml_path}: not valid YAML ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("datasets"), list) or not config["datasets"]:
+        raise DataError(f"{yaml_path}: expected a mapping with a non-empty 'datasets' list")
+    unknown = set(config) - {"datasets"}
+    if unknown:
+        raise DataError(f"{yaml_path}: unknown top-level keys {sorted(unknown)} (only 'datasets')")
+    records: list[PromptRecord] = []
+    entries: list[MixEntry] = []
+    bad_lines: list[BadLine] = []
+    for i, entry in enumerate(config["datasets"]):
+        where = f"{yaml_path}: datasets[{i}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected a mapping with json_path and sampled_ratio, got {entry!r}")
+        unknown = set(entry) - set(MIX_ENTRY_KEYS)
+        if unknown:
+            raise DataError(f"{where}: unknown keys {sorted(unknown)} (expected {', '.join(MIX_ENTRY_KEYS)})")
+        for key in ("json_path", "sampled_ratio"):
+            if key not in entry:
+                raise DataError(f"{where}: '{key}' is missing")
+        if not isinstance(entry["json_path"], str):
+            raise DataError(f"{where}: json_path must be a string, got {entry['json_path']!r}")
+        path = resolve_json_path(entry["json_path"], yaml_path.parent)
+        name = str(entry.get("name") or path.stem)
+        items = read_jsonl(path, prompt_key, source=name, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
+        count, keep_all = sample_count(entry["sampled_ratio"], len(items), f"{where}.sampled_ratio")
+        if keep_all:
+            kept = items
+        else:
+            order = np.random.default_rng([int(seed), i]).permutation(len(items))[:count]
+            kept = [items[j] for j in order]
+        records.extend(kept)
+        entries.append(MixEntry(name, str(path), float(entry["sampled_ratio"]), len(items), len(kept)))
+        logger.info("dataset %r: total=%d, sampled=%d", name, len(items), len(kept))
+    return RLDataset(records, entries, bad_lines)
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """A data path from the config: absolute as is; relative against the working directory, the repository root,
+    then ``../shared/data`` beside the checkout."""
+    p = Path(path)
+    candidates = [p] if p.is_absolute() else [p, REPO_ROOT / p, SHARED_DATA / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(f"data path {str(path)!r} not found; tried {', '.join(str(c) for c in candidates)}")
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    seed: int = 42,
+    prompt_key: str = "instruction",
+    skip_bad_lines: bool = False,
+) -> RLDataset:
+    """``.jsonl`` -> one file, all records in file order; ``.yaml`` / ``.yml`` -> a mix; anything else is an error.
+    An empty result is an error too (a run with no prompts cannot take a step)."""
+    p = resolve_data_path(path)
+    if p.suffix == ".jsonl":
+        bad: list[BadLine] = []
+        records = read_jsonl(p, prompt_key, skip_bad_lines=skip_bad_lines, bad_lines=bad)
+        dataset = RLDataset(records, [MixEntry(p.stem, str(p), 1.0, len(records), len(records))], bad)
+    elif p.suffix in (".yaml", ".yml"):
+        dataset = load_mix(p, seed=seed, prompt_key=prompt_key, skip_bad_lines=skip_bad_lines)
+    else:
+        raise DataError(f"{p}: data path must end in .jsonl (records) or .yaml/.yml (a mix)")
+    if not dataset.records:
+        raise DataError(f"{p}: no prompts ({dataset.summary()})")
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prompt sampler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class PromptSampler:
+    """``prompts_per_step`` records per step, in an order reshuffled every epoch.
+
+    Epoch e's order is a permutation drawn from a generator seeded by (seed, e) (file order with shuffle=False), so
+    the position is just (epoch, offset): ``state_dict()`` is a small JSON-able dict for checkpoints, and
+    ``load_state_dict`` continues exactly where it was. A step that reaches the end of an epoch continues with the
+    next epoch's order: every record is used once per epoch and none is dropped (TRL's sampler drops the tail).
+    """
+
+    def __init__(self, records: Sequence[PromptRecord], prompts_per_step: int, seed: int = 42, shuffle: bool = True):
+        if not records:
+            raise DataError("the prompt sampler needs at least one record")
+        if prompts_per_step < 1:
+            raise DataError(f"prompts_per_step={prompts_per_step}: must be >= 1")
+        self.records = list(records)
+        self.prompts_per_step = int(prompts_per_step)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+        self.offset = 0
+        self._order_epoch = -1
+        self._order: np.ndarray = np.arange(0)
+        self.fingerprint = fingerprint(self.records)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Record indices of one epoch, [len(records)]."""
+        if epoch != self._order_epoch:
+            n = len(self.records)
+            self._order = np.random.default_rng([self.seed, int(epoch)]).permutation(n) if self.shuffle \
+                else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> list[PromptRecord]:
+        batch: list[PromptRecord] = []
+        while len(batch) < self.prompts_per_step:
+            order = self.order(self.epoch)
+            take = order[self.offset: self.offset + self.prompts_per_step - len(batch)]
+            batch.extend(self.records[int(j)] for j in take)
+            self.offset += len(take)
+            if self.offset == len(order):
+                self.epoch, self.offset = self.epoch + 1, 0
+        return batch
+
+    def __iter__(self) -> Iterator[list[PromptRecord]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "shuffle": self.shuffle,
+                "num_records": len(self.records), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position. The records, seed and shuffle flag must be the ones the state was saved with: a
+        changed data mix would silently yield other prompts, so it is an error."""
+        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("num_records", len(self.records)),
+                          ("fingerprint", self.fingerprint)):
+            if key in state and state[key] != mine:
+                raise DataError(f"sampler state was saved with {key}={state[key]!r} but this run has {mine!r}: the "
+                                f"data (or data.seed) changed since the checkpoint")
+        epoch, offset = int(state["epoch"]), int(state["offset"])
+        if epoch < 0 or not 0 <= offset < len(self.records):
+            raise DataError(f"sampler state out of range: epoch={epoch}, offset={offset}, {len(self.records)} records")
+        self.epoch, self.offset = epoch, offset
+
+
+def fingerprint(records: Sequence[PromptRecord]) -> str:
+    """Short hash of the records' identity and order (source, number, prompt, task)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.source, r.number, r.prompt, r.task], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
