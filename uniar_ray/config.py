@@ -455,3 +455,168 @@ class ClusterConfig:
     num_cpus: int = 0  # local Ray only; 0 = all cores
     dashboard: bool = False  # local Ray only: start the dashboard (metrics, actor health)
     log_to_driver: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch evaluation and sweeps (jobs/eval.py, jobs/sweep.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """Generation settings of one eval run; 0 means the benchmark's default (``benchmarks.<name>.DEFAULTS``, the
+    reference's launch scripts). Sample k of prompt idx uses seed ``seed + idx * samples_per_prompt + k``."""
+
+    ar_height: int = 0
+    ar_width: int = 0
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    cfg_mode: str = "reference"  # reference | shared (see SamplingConfig)
+    upsampling_ratio: float = 0.0  # decoder output = AR size x ratio, in [1, 2]
+    num_inference_steps: int = 0  # decoder steps
+    guidance_scale: float = 0.0  # decoder CFG
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("settings.cfg_mode", self.cfg_mode, ("reference", "shared"))
+        for name in ("ar_height", "ar_width"):
+            value = getattr(self, name)
+            if value < 0 or value % 32:
+                raise ConfigError(f"settings.{name}={value}: a positive multiple of 32 (0 = benchmark default)")
+        if self.temperature < 0 or self.num_inference_steps < 0 or self.seed < 0:
+            raise ConfigError("settings: temperature, num_inference_steps and seed must be >= 0 (0 = default)")
+        if self.cfg_scale and self.cfg_scale < 1:
+            raise ConfigError(f"settings.cfg_scale={self.cfg_scale}: must be >= 1 (0 = benchmark default)")
+        if self.upsampling_ratio and not 1 <= self.upsampling_ratio <= 2:
+            raise ConfigError(f"settings.upsampling_ratio={self.upsampling_ratio}: must be in [1, 2] (0 = default)")
+        if self.guidance_scale and self.guidance_scale < 1:
+            raise ConfigError(f"settings.guidance_scale={self.guidance_scale}: must be >= 1 (0 = default)")
+
+
+@dataclasses.dataclass
+class EvalDecoderConfig:
+    """The decoder stage of the eval pipeline: where the decoder lives and the Ray Data actors that run it."""
+
+    path: str = ""  # checkpoint root (bsq_encoder/, sd3_transformer/, sd3_pipeline/); "" = the model's root
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch: int = 8  # samples per denoising batch inside the decoder
+    num_threads: int = 0  # torch threads per actor (0: num_cpus, at least 1)
+
+    def __post_init__(self):
+        _check_choice("decoder.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.num_actors < 1 or self.max_batch < 1 or self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("decoder: num_actors and max_batch must be >= 1, num_cpus/num_gpus >= 0")
+
+
+@dataclasses.dataclass
+class EvalScoringConfig:
+    """Scoring in the eval job, where local models allow it (ImgEdit's GPT-4o judge never runs here)."""
+
+    enabled: bool = True
+    ocr: str = "rapidocr"  # OneIG / LongText text scores: rapidocr | none
+    geneval_detector: str = ""  # "" = GenEval is not scored; a local detector folder, or tiny
+    geneval_clip: str = ""  # CLIP folder for GenEval's colour classifier (needed with a detector), or tiny
+    device: str = "cpu"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        _check_choice("scoring.ocr", self.ocr, ("rapidocr", "none"))
+        if self.geneval_detector and not self.geneval_clip:
+            raise ConfigError("scoring.geneval_detector is set: also set scoring.geneval_clip (colour classifier)")
+        if self.batch_size < 1:
+            raise ConfigError("scoring.batch_size must be >= 1")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """``jobs.eval``: one benchmark, one model, one set of settings, streamed through Ray Data."""
+
+    benchmark: BenchmarkConfig = dataclasses.field(default_factory=BenchmarkConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # a checkpoint root, or tiny
+    settings: EvalSettings = dataclasses.field(default_factory=EvalSettings)
+    rollout: RolloutConfig = dataclasses.field(default_factory=lambda: RolloutConfig(max_batch=8))
+    decoder: EvalDecoderConfig = dataclasses.field(default_factory=EvalDecoderConfig)
+    scoring: EvalScoringConfig = dataclasses.field(default_factory=EvalScoringConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    batch_size: int = 8  # rows per Ray Data batch (one generation call, one decoder call)
+    out_dir: str = ""  # "" = runs/eval/<benchmark>
+    tiny_cache: str = "runs/.tiny_checkpoint"  # model.path=tiny: the four-folder tiny checkpoint, written once
+    preview_prompts: int = 8  # prompts in preview.png
+    progress: bool = True  # tqdm bar (images done, images/s)
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.preview_prompts < 0:
+            raise ConfigError("eval: batch_size must be >= 1 and preview_prompts >= 0")
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """``jobs.sweep``: checkpoints x benchmarks x settings, each an eval run; one results table and a plot.
+
+    Each run starts from ``eval_config`` (``{benchmark}`` is replaced by the benchmark's name), then ``overrides``
+    (``a.b=c`` strings, as on the command line), then the checkpoint's model and the setting."""
+
+    checkpoints: dict[str, ModelConfig] = dataclasses.field(default_factory=lambda: {"tiny": ModelConfig()})
+    benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["geneval"])
+    settings: list[EvalSettings] = dataclasses.field(default_factory=lambda: [EvalSettings()])
+    eval_config: str = "configs/eval/{benchmark}.yaml"
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    out_dir: str = "runs/sweep"
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+
+    def __post_init__(self):
+        for name in self.benchmarks:
+            _check_choice("sweep.benchmarks[]", name, BENCHMARK_NAMES)
+        if not self.checkpoints or not self.benchmarks or not self.settings:
+            raise ConfigError("sweep: checkpoints, benchmarks and settings must each list at least one entry")
+        bad = [name for name in self.checkpoints if not name or "/" in name]
+        if bad:
+            raise ConfigError(f"sweep.checkpoints: names are folder names, got {bad}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder pool (uniar_ray/decoder/, actors/decoder_pool.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    """The visual decoder behind the Ray decoder pool: which checkpoint, the decode defaults a request may leave
+    unset, and the pool's actors, batching, backpressure, timeout and retries."""
+
+    path: str = "tiny"  # checkpoint root (bsq_encoder/, sd3_transformer/, sd3_pipeline/), or tiny (seeded)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    tiny_seed: int = 0
+    # None: the bsq_encoder config.json value when it has one, else true (the reference library's value; its decode
+    # server defaults to false, which passes deepstack levels through merger.norm).
+    inference_skip_final_layernorm: bool | None = None
+    upsampling_ratio: float = 2.0  # output = AR size x ratio, snapped to multiples of 16; in [1, 2]
+    num_inference_steps: int = 28
+    guidance_scale: float = 1.5  # <= 1 disables CFG
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    num_threads: int = 0  # torch threads per actor (0: torch's default)
+    max_batch: int = 8  # samples per denoising batch, and per actor call
+    max_inflight_per_actor: int = 2  # calls queued per actor before submit() blocks (backpressure)
+    timeout_s: float = 600.0  # per actor call; a timed-out actor is killed (Ray restarts it) and the call retried
+    max_restarts: int = 2  # Ray restarts a dead decoder actor this many times
+    max_retries: int = 2  # a call whose actor died or timed out is resubmitted this many times, then fails
+
+    def __post_init__(self):
+        _check_choice("decoder.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if not 1.0 <= self.upsampling_ratio <= 2.0:
+            raise ConfigError(f"decoder.upsampling_ratio={self.upsampling_ratio}: must be in [1, 2]")
+        if self.num_inference_steps < 1:
+            raise ConfigError("decoder.num_inference_steps must be >= 1")
+        if min(self.num_actors, self.max_batch, self.max_inflight_per_actor) < 1:
+            raise ConfigError("decoder: num_actors, max_batch and max_inflight_per_actor must be >= 1")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.num_threads < 0 or self.timeout_s <= 0:
+            raise ConfigError("decoder: num_cpus/num_gpus/num_threads must be >= 0 and timeout_s > 0")
+        if self.max_restarts < 0 or self.max_retries < 0:
+            raise ConfigError("decoder: max_restarts and max_retries must be >= 0")
