@@ -1,0 +1,154 @@
+"""Sweeps: checkpoints x benchmarks x settings, each one ``jobs.eval`` run (a finished run is read back, an
+unfinished one resumes); writes one results table (results.csv, results.md) and a plot (scores.png).
+
+    python -m jobs.sweep --config configs/sweep.yaml [out_dir=runs/sweep2 overrides='[benchmark.limit=8]' ...]
+    ray job submit --working-dir . -- python -m jobs.sweep --config configs/sweep.yaml cluster.address=auto
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import atomic_write_text
+from jobs import eval as eval_job
+from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, SweepConfig, load_config, parse_cli, to_dict
+
+COLUMNS = ("checkpoint", "benchmark", "setting", "ar_size", "temperature", "cfg_scale", "decoder_steps", "score",
+           "scored", "prompts", "samples_expected", "samples_failed", "complete", "seconds", "images_per_s", "run")
+SHORT = {"ar_height": "h", "ar_width": "w", "temperature": "T", "cfg_scale": "cfg", "cfg_mode": "mode",
+         "upsampling_ratio": "up", "num_inference_steps": "steps", "guidance_scale": "g", "seed": "seed"}
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg, _ = parse_cli(SweepConfig, argv, default_config="configs/sweep.yaml")
+    started = eval_job.start_ray(cfg)
+    try:
+        rows = run_sweep(cfg)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(f"[sweep] {len(rows)} runs; table {Path(cfg.out_dir) / 'results.md'}", file=sys.stderr)
+    print(Path(cfg.out_dir).resolve())
+    return Path(cfg.out_dir).resolve()
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
+    out = Path(cfg.out_dir)
+    rows = []
+    for name, model in cfg.checkpoints.items():
+        for bench in cfg.benchmarks:
+            for setting in cfg.settings:
+                run_cfg = eval_config(cfg, name, model, bench, setting)
+                results = finished(run_cfg)
+                status = "read back" if results else "ran"
+                results = results or eval_job.run(run_cfg)
+                rows.append(table_row(name, bench, label(setting), results))
+                print(f"[sweep] {name} / {bench} / {label(setting)}: score {results['score']} ({status})",
+                      file=sys.stderr)
+    write_table(out, rows)
+    plot(out / "scores.png", rows)
+    return rows
+
+
+def label(setting: EvalSettings) -> str:
+    """The fields a setting changes from the benchmark defaults, e.g. ``cfg2.5_steps14``; ``default`` if none."""
+    base = EvalSettings()
+    parts = [f"{SHORT[f.name]}{getattr(setting, f.name):g}" if isinstance(getattr(setting, f.name), float)
+             else f"{SHORT[f.name]}{getattr(setting, f.name)}"
+             for f in dataclasses.fields(setting) if getattr(setting, f.name) != getattr(base, f.name)]
+    return "_".join(parts) or "default"
+
+
+def eval_config(cfg: SweepConfig, name: str, model: ModelConfig, bench: str, setting: EvalSettings) -> EvalConfig:
+    """The benchmark's eval YAML + the sweep's overrides + this checkpoint + the fields this setting changes."""
+    run_cfg = load_config(EvalConfig, cfg.eval_config.format(benchmark=bench), [*cfg.overrides,
+                                                                               f"benchmark.name={bench}"])
+    base, changed = EvalSettings(), {}
+    for f in dataclasses.fields(setting):
+        if getattr(setting, f.name) != getattr(base, f.name):
+            changed[f.name] = getattr(setting, f.name)
+    out_dir = Path(cfg.out_dir).resolve() / name / bench / label(setting)
+    return dataclasses.replace(run_cfg, model=model, settings=dataclasses.replace(run_cfg.settings, **changed),
+                               cluster=cfg.cluster, out_dir=str(out_dir), progress=False)
+
+
+def finished(run_cfg: EvalConfig) -> dict[str, Any] | None:
+    """A complete earlier run with the same config (ignoring where Ray runs): its results, else None."""
+    out = Path(run_cfg.out_dir)
+    try:
+        results = json.loads((out / "results.json").read_text())
+        config = json.loads((out / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return None
+    wanted = to_dict(run_cfg)
+    same = all(config.get(k) == v for k, v in wanted.items() if k not in ("cluster", "progress"))
+    return results if same and results.get("complete") else None
+
+
+def table_row(name: str, bench: str, setting: str, r: dict[str, Any]) -> dict[str, Any]:
+    scores = r.get("scores", {})
+    return {"checkpoint": name, "benchmark": bench, "setting": setting, "ar_size": r["ar_size"],
+            "temperature": r["temperature"], "cfg_scale": r["cfg_scale"], "decoder_steps": r["decoder_steps"],
+            "score": r["score"], "scored": "yes" if scores.get("scored") else f"no: {scores.get('reason', '')}",
+            "prompts": r["prompts"], "samples_expected": r["samples_expected"], "samples_failed": r["samples_failed"],
+            "complete": r["complete"], "seconds": r["seconds"], "images_per_s": r["images_per_s"],
+            "run": r["out_dir"]}
+
+
+def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    shown = [c for c in COLUMNS if c != "run"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in shown) + " |" for row in rows]
+    atomic_write_text(out / "results.md", "# Sweep results\n\n" + "\n".join(lines) + "\n")
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """One panel per benchmark: score per setting, one line per checkpoint; unscored benchmarks say why."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = list(dict.fromkeys(r["benchmark"] for r in rows))
+    fig, axes = plt.subplots(1, len(benches), figsize=(4.5 * len(benches), 3.6), squeeze=False)
+    for ax, bench in zip(axes[0], benches):
+        mine = [r for r in rows if r["benchmark"] == bench]
+        settings = list(dict.fromkeys(r["setting"] for r in mine))
+        for name in dict.fromkeys(r["checkpoint"] for r in mine):
+            points = {r["setting"]: r["score"] for r in mine if r["checkpoint"] == name}
+            ys = [points.get(s) for s in settings]
+            ax.plot(range(len(settings)), [float("nan") if y is None else y for y in ys], marker="o", label=name)
+        if all(r["score"] is None for r in mine):
+            ax.text(0.5, 0.5, "not scored\n" + mine[0]["scored"][4:][:60], ha="center", va="center",
+                    transform=ax.transAxes, wrap=True)
+        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=8)
+        ax.set_title(bench)
+        ax.set_ylabel("score")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    from jobs import sweep as job  # run as jobs.sweep, so eval's stage classes pickle by reference
+
+    job.main()
