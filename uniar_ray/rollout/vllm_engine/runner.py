@@ -56,6 +56,7 @@ class UniARCPUModelRunner(CPUModelRunner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.uniar: dict[str, _ReqState] = {}
+        self.uniar_replayed = 0  # image tokens re-prefilled after a preemption (their bits read back from state)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -101,6 +102,8 @@ class UniARCPUModelRunner(CPUModelRunner):
                 m = torch.arange(first - st.prompt_len, start + count - st.prompt_len)
                 if int(m[-1]) >= st.done:
                     raise RuntimeError(f"request {req_id}: image token {int(m[-1])} scheduled before it was sampled")
+                if count > 1:  # only a recompute schedules several image positions of one request at once
+                    self.uniar_replayed += len(m)
                 index.append(torch.arange(offset + first - start, offset + count))
                 bits.append(st.bits[m])
                 p = st.prompt_len

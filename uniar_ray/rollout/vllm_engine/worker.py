@@ -30,6 +30,6 @@ class UniARCPUWorker(CPUWorker):
         self.model_runner.reload_weights(weights_iterator=iter(state.items()), is_checkpoint_format=True)
         return len(state)
 
-    def uniar_live_requests(self) -> int:
-        """Requests with sampler state in this worker (tests check that finished requests are dropped)."""
-        return len(self.model_runner.uniar)
+    def uniar_counters(self) -> dict[str, int]:
+        """Requests holding sampler state, and image tokens replayed after preemption (tests, monitoring)."""
+        return {"live_requests": len(self.model_runner.uniar), "replayed_image_tokens": self.model_runner.uniar_replayed}
