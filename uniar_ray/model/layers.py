@@ -32,16 +32,30 @@ class RMSNorm(nn.Module):
 
 
 class MRoPE(nn.Module):
-    """Interleaved multimodal rotary embedding (spec §3.4): positions (3, B, S) of (t, h, w) -> cos, sin."""
+    """Interleaved multimodal rotary embedding (spec §3.4): positions (3, B, S) of (t, h, w) -> cos, sin.
+
+    The inverse frequencies stay fp32 whatever ``.to(dtype)`` does to the module (see ``keep_fp32_table``), so a
+    policy cast to bf16 in memory computes the same angles as one loaded with ``from_pretrained(dtype=bf16)`` and as
+    the reference's inference path. ``table_rounding`` = torch.bfloat16 instead rounds them through bf16 like the
+    reference's GRPO trainer, which casts the whole model with ``.to(torch.bfloat16)``, buffers included.
+    """
 
     def __init__(self, head_dim: int, theta: float, mrope_section: list[int]):
         super().__init__()
         self.head_dim, self.theta, self.mrope_section = head_dim, theta, list(mrope_section)
+        self.table_rounding: torch.dtype | None = None
         self.rebuild_buffers(None)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        keep_fp32_table(self, "inv_freq")
+        return self
 
     def rebuild_buffers(self, device) -> None:
         hd = self.head_dim
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+        if self.table_rounding is not None:
+            inv_freq = inv_freq.to(self.table_rounding).float()
         # Which frequency index takes its angle from the h / w component (the rest use t).
         k = torch.arange(hd // 2, device=device)
         source = torch.zeros(hd // 2, dtype=torch.long, device=device)
@@ -59,6 +73,14 @@ class MRoPE(nn.Module):
         freqs = torch.gather(freqs, 0, idx)[0]  # [B, S, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def keep_fp32_table(module: nn.Module, name: str) -> None:
+    """After ``module._apply`` (``.to``, ``.bfloat16()``, ...): if the rotary table ``name`` was cast away from
+    fp32, recompute it in fp32 on its device (casting back would keep the rounding)."""
+    table = getattr(module, name, None)
+    if table is not None and table.dtype != torch.float32:
+        module.rebuild_buffers(table.device)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

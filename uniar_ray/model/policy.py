@@ -58,14 +58,20 @@ class UniARPolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        attn_impl: str = "sdpa") -> "UniARPolicy":
-        """Load ``<path>/config.json`` (model_type uniar) or ``<path>/ar_model``; every tensor must match."""
+                        attn_impl: str = "sdpa", bf16_rope_tables: bool = False) -> "UniARPolicy":
+        """Load ``<path>/config.json`` (model_type uniar) or ``<path>/ar_model``; every tensor must match.
+
+        bf16_rope_tables: see ``set_rope_table_rounding`` (reproduces the reference's GRPO trainer; default off =
+        the reference's inference path, fp32 rotary tables).
+        """
         folder = resolve_ar_folder(path)
         cfg = UniARConfig.from_pretrained(folder)
         with torch.device("meta"):
             policy = cls(cfg)
         load_state_dict_strict(policy, folder, dtype=dtype, device=device)
         policy.set_attn_impl(attn_impl)
+        if bf16_rope_tables:
+            policy.set_rope_table_rounding(torch.bfloat16)
         if (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists():
             policy.tokenizer = load_tokenizer(folder)
         return policy.eval()
@@ -84,6 +90,23 @@ class UniARPolicy(nn.Module):
         for m in self.modules():
             if hasattr(m, "impl"):
                 m.impl = impl
+
+    def set_rope_table_rounding(self, dtype: torch.dtype | None) -> None:
+        """Round the rotary inverse frequencies (text M-RoPE and ViT 2-D rotary) through ``dtype``, or not (None).
+
+        The rotary tables are fp32 by default, also after ``.to(torch.bfloat16)``: that is what the reference computes
+        when loaded with ``from_pretrained(dtype=bfloat16)`` (its inference scripts), and our RL scorer matches that
+        path bit for bit in bf16. The reference's GRPO trainer instead loads, then calls ``model.to(torch.bfloat16)``,
+        which also casts these buffers; ``torch.bfloat16`` here reproduces that (per-bit log-probs move by up to
+        ~0.05 on the tiny model, more than bf16 noise).
+        """
+        for m in self.modules():
+            if hasattr(m, "table_rounding"):
+                m.table_rounding = dtype
+                table = getattr(m, "inv_freq", None)
+                if table is None:
+                    table = getattr(m, "rotary_inv_freq", None)
+                m.rebuild_buffers(table.device if table is not None else self.device)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..bits import legacy_roundtrip
 from .configuration import VisionConfig
+from .layers import keep_fp32_table
 
 
 def _act(name: str):
@@ -63,8 +65,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, image_ids):
-        x = x + self.attn(self.norm1(x), cos, sin, image_ids)
+    def forward(self, x, cos, sin, sizes):
+        x = x + self.attn(self.norm1(x), cos, sin, sizes)
         return x + self.mlp(self.norm2(x))
 
 
@@ -80,7 +82,13 @@ class VisionMLP(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional attention within each image (block-diagonal), 2-D rotary applied in fp32."""
+    """Bidirectional attention within each image, 2-D rotary applied in fp32.
+
+    Each image (``sizes``: patch rows per image, in order) is attended separately with an unmasked 4-D
+    ``scaled_dot_product_attention`` call, as transformers 4.57 does for every non-flash backend. Besides skipping the
+    block-diagonal mask's wasted work, this picks the same CPU kernel as the reference: a 3-D call with a mask gives
+    different bf16 rounding (ViT outputs off by ~1 ulp, enough to flip the sign of near-zero BSQ inputs).
+    """
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -88,15 +96,17 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, image_ids):
+    def forward(self, x, cos, sin, sizes: list[int]):
         n = x.shape[0]
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         dtype = q.dtype
         c, s = cos[:, None].float(), sin[:, None].float()
         q = (q.float() * c + _rotate_half(q.float()) * s).to(dtype)
         k = (k.float() * c + _rotate_half(k.float()) * s).to(dtype)
-        mask = image_ids[:, None] == image_ids[None, :]  # [n, n] block-diagonal
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, head_dim]
+        outs = [F.scaled_dot_product_attention(qi, ki, vi)
+                for qi, ki, vi in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2))]
+        out = torch.cat(outs, dim=2)[0]  # [heads, n, head_dim]
         return self.proj(out.transpose(0, 1).reshape(n, -1))
 
 
@@ -129,13 +139,21 @@ class VisionModel(nn.Module):
             setattr(self, name, Merger(hv, cfg.bsq_dim, 1, post_norm=True, mid_dim=cfg.bsq_hidden_dim))
         for name in self.level_names("output"):
             setattr(self, name, Merger(cfg.bsq_dim, hv, 1, post_norm=True, mid_dim=cfg.bsq_hidden_dim))
+        self.table_rounding: torch.dtype | None = None
         self.rebuild_buffers(None)
 
     def rebuild_buffers(self, device) -> None:
-        """The 2-D rotary table (not stored in checkpoints)."""
+        """The 2-D rotary table (not stored in checkpoints); fp32 unless ``table_rounding`` (see ``layers.MRoPE``)."""
         dim = self.cfg.hidden_size // self.cfg.num_heads // 2
         inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        if self.table_rounding is not None:
+            inv = inv.to(self.table_rounding).float()
         self.register_buffer("rotary_inv_freq", inv, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        keep_fp32_table(self, "rotary_inv_freq")  # stays fp32 under .to(bf16), like the text rotary table
+        return self
 
     def level_names(self, kind: str) -> list[str]:
         """Module names of the BSQ projections, level order: main, then deepstack levels (§3.3)."""
@@ -153,7 +171,7 @@ class VisionModel(nn.Module):
         input path, and the decoder with ``inference_skip_final_layernorm=False``).
         """
         cfg = self.cfg
-        dtype = self.merger.linear_fc1.weight.dtype
+        dtype = getattr(self, self.level_names("output")[0]).linear_fc2.weight.dtype  # works on a pruned copy too
         bits = bits.reshape(-1, cfg.num_levels, cfg.merge_unit, cfg.bsq_dim)
         codes = (bits.to(dtype) * 2 - 1) / math.sqrt(cfg.bsq_dim)
         feats = []
@@ -175,17 +193,24 @@ class VisionModel(nn.Module):
     # pixels -> features (edit mode)
     # ------------------------------------------------------------------------------------------------------------
 
-    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor,
+                legacy_index_codec: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """patches [n, C*T*P*P] in merge-window order, grid_thw [I, 3] -> merged features like ``bits_to_features``.
 
         Images pass the BSQ bottleneck (quantise to bits, decode), so the backbone sees the same discrete features
-        it generates. Returns the bits too via ``encode_bits`` when needed.
+        it generates. Returns the bits too via ``encode_bits`` when needed (see there for ``legacy_index_codec``).
         """
-        bits = self.encode_bits(patches, grid_thw)
+        bits = self.encode_bits(patches, grid_thw, legacy_index_codec=legacy_index_codec)
         return self.bits_to_features(bits)
 
-    def encode_bits(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """patches -> bits [M, L, U, D] (uint8) of every merged token of every image, in order."""
+    def encode_bits(self, patches: torch.Tensor, grid_thw: torch.Tensor, legacy_index_codec: bool = False) -> torch.Tensor:
+        """patches -> bits [M, L, U, D] (uint8) of every merged token of every image, in order.
+
+        legacy_index_codec: pass each sub-patch's bits through the reference's bits -> int64 index -> bits detour
+        (its eval-mode encoder does this, spec §3.2), quirk included: the all-zero code comes back with the MSB set
+        and the MSB-only code comes back as all zeros. Every other code is unchanged. Only for bit-exact parity with
+        the reference; the default keeps the quantiser's bits.
+        """
         cfg = self.cfg
         dtype = self.patch_embed.proj.weight.dtype
         p = cfg.patch_size
@@ -194,10 +219,9 @@ class VisionModel(nn.Module):
         h = h + self._pos_embed(grid_thw).to(h.dtype)
         cos, sin = self._rotary(grid_thw)
         sizes = (grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).tolist()
-        image_ids = torch.repeat_interleave(torch.arange(len(sizes), device=h.device), torch.tensor(sizes, device=h.device))
         raw = []
         for i, blk in enumerate(self.blocks):
-            h = blk(h, cos, sin, image_ids)
+            h = blk(h, cos, sin, sizes)
             if i in cfg.deepstack_visual_indexes:
                 raw.append(h)
         levels = [h] + raw
@@ -205,7 +229,10 @@ class VisionModel(nn.Module):
         for name, x_l in zip(self.level_names("input"), levels):
             z = getattr(self, name)(x_l)
             bits.append((z > 0).to(torch.uint8))  # sign of z == sign of z/|z|; zero -> bit 0 (code -1)
-        return torch.stack(bits, dim=1).view(-1, cfg.merge_unit, cfg.num_levels, cfg.bsq_dim).transpose(1, 2)
+        out = torch.stack(bits, dim=1).view(-1, cfg.merge_unit, cfg.num_levels, cfg.bsq_dim).transpose(1, 2)
+        if legacy_index_codec:
+            out = legacy_roundtrip(out)
+        return out
 
     def _rotary(self, grid_thw):
         m = self.cfg.spatial_merge_size
