@@ -1,0 +1,234 @@
+"""Reward models as Ray actors: one pool per reward, all rewards scored in parallel, routed and combined as the
+reference does (``rewards/router.py``), failures counted and never scored 0.
+
+    group = RewardGroup(cfg.rewards)                       # starts the pools; resources from each RewardSpec
+    routed = group.score(images, prompts, tasks, metadata)   # RoutedScores: per reward, total, valid, failures
+    group.stats()                                            # per actor: calls, samples, rejected images
+    group.shutdown()
+
+Images travel as uint8 [H, W, 3] arrays (Ray's object store, put once per batch) or PNG bytes
+(``wire_format: png``), metadata as JSON text; each actor checks every image on arrival and rejects oversized or
+corrupt ones (decompression bombs) per sample. A call that raises, times out or loses its actor fails only its own
+samples (NaN + reason); Ray restarts the actor (``max_restarts``) and, after a death, retries the call
+(``max_task_retries``); a timed-out actor is killed so that Ray restarts it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+
+from actors.group import ActorGroup, split_even
+from rewards.base import ImageLimits, RewardOutput, RewardScores, encode_png, scatter, score_checked
+from rewards.router import RoutedScores, build_reward, combine, reward_tasks, route
+from uniar_ray.config import RewardConfig, RewardSpec
+
+logger = logging.getLogger(__name__)
+
+
+@ray.remote
+class RewardActor:
+    """Owns one reward model; scores the samples of a batch it is pointed at."""
+
+    def __init__(self, name: str, spec: RewardSpec, limits: ImageLimits):
+        # One compute thread per whole CPU reserved (at least one), for torch and onnxruntime alike.
+        threads = max(1, int(spec.num_cpus))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model = build_reward(name, spec)
+        self.limits = limits
+        self.counts = {"calls": 0, "samples": 0, "rejected_images": 0}
+
+    def ready(self) -> str:
+        return self.model.name
+
+    def stats(self) -> dict[str, int]:
+        """Since this actor (re)started: calls, samples scored, images rejected."""
+        return dict(self.counts)
+
+    def score(self, images: Sequence[np.ndarray | bytes], indices: Sequence[int], prompts: Sequence[str],
+              tasks: Sequence[str | None], metadata_json: Sequence[str]) -> dict[str, Any]:
+        """``images``: the whole batch (one object-store copy shared by every reward); ``indices``: this call's
+        samples; the other lists are already this call's. Returns plain arrays and strings."""
+        t0 = time.perf_counter()
+        metadata = [json.loads(m) or {} for m in metadata_json]
+        res = score_checked(self.model, [images[i] for i in indices], prompts, tasks, metadata, self.limits)
+        self.counts["calls"] += 1
+        self.counts["samples"] += len(indices)
+        self.counts["rejected_images"] += sum(bool(e and e.startswith("image rejected")) for e in res.errors)
+        return {"scores": res.scores, "errors": res.errors, "extras": res.extras,
+                "elapsed_s": time.perf_counter() - t0}
+
+
+def _as_array(image: Any) -> Any:
+    """PIL images become RGB uint8 arrays here, in the driver; arrays and bytes pass as they are (checked in the
+    actor)."""
+    if hasattr(image, "convert") and hasattr(image, "size"):
+        return np.asarray(image.convert("RGB"))
+    return image
+
+
+@dataclasses.dataclass
+class _Call:
+    name: str
+    actor: Any
+    indices: list[int]
+    ref: Any
+    deadline: float
+    timeout_s: float
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    done_at: float = 0.0
+
+
+class RewardGroup:
+    """The reward pools of one ``RewardConfig`` and the calls across them."""
+
+    def __init__(self, cfg: RewardConfig):
+        if not cfg.models:
+            raise ValueError("no rewards configured")
+        self.cfg = cfg
+        self.limits = ImageLimits(max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes)
+        self.tasks = {name: reward_tasks(spec) for name, spec in cfg.models.items()}
+        self.pools = {name: self._start(name, spec).actors for name, spec in cfg.models.items()}
+        self.failures = {name: 0 for name in cfg.models}  # failed samples since start, per reward
+        self._turn = 0
+        self._metrics = _Metrics()
+
+    def _start(self, name: str, spec: RewardSpec) -> ActorGroup:
+        options = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "max_restarts": self.cfg.max_restarts,
+                   "max_task_retries": self.cfg.max_task_retries}
+        return ActorGroup(RewardActor, spec.num_actors, options, name, spec, self.limits)
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        """Block until every actor has built its model. An actor that Ray is restarting answers "unavailable"
+        for a moment (calls made then fail unless ``max_task_retries`` > 0): poll through that."""
+        deadline = time.monotonic() + timeout_s
+        for actor in [a for pool in self.pools.values() for a in pool]:
+            while True:
+                try:
+                    ray.get(actor.ready.remote(), timeout=max(0.0, deadline - time.monotonic()))
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+
+    def score(self, images: Sequence[np.ndarray | bytes], prompts: Sequence[str], tasks: Sequence[str | None],
+              metadata: Sequence[dict[str, Any] | None], parallel: bool = True) -> RoutedScores:
+        """Score a batch with every reward. ``parallel=False`` calls one reward after another (what the reference
+        trainer does; kept for comparison)."""
+        n = len(images)
+        if not (len(prompts) == len(tasks) == len(metadata) == n):
+            raise ValueError("images, prompts, tasks and metadata differ in length")
+        images = [_as_array(im) for im in images]
+        if self.cfg.wire_format == "png":
+            images = [encode_png(im) if isinstance(im, np.ndarray) else im for im in images]
+        images_ref = ray.put(list(images))
+        meta_json = [json.dumps(m) for m in metadata]
+        calls: list[_Call] = []
+        for name in self.pools:
+            new = self._submit(name, images_ref, list(tasks), list(prompts), meta_json)
+            if not parallel:
+                self._gather(new)
+            calls.extend(new)
+        self._gather(calls)
+        return combine({name: self._output(name, [c for c in calls if c.name == name], n) for name in self.pools},
+                       self.cfg.weights)
+
+    def _submit(self, name, images_ref, tasks, prompts, meta_json) -> list[_Call]:
+        idx = route(tasks, self.tasks[name])
+        if not idx:  # no sample for this reward: no call at all
+            return []
+        pool, spec = self.pools[name], self.cfg.models[name]
+        self._turn += 1
+        chunks = [c for c in split_even(idx, len(pool)) if c]
+        calls = []
+        start = time.monotonic()
+        for k, chunk in enumerate(chunks):
+            actor = pool[(self._turn + k) % len(pool)]
+            ref = actor.score.remote(images_ref, chunk, [prompts[i] for i in chunk], [tasks[i] for i in chunk],
+                                     [meta_json[i] for i in chunk])
+            calls.append(_Call(name, actor, chunk, ref, start + spec.timeout_s, spec.timeout_s))
+        return calls
+
+    def _gather(self, calls: list[_Call]) -> None:
+        pending = {c.ref: c for c in calls if c.result is None and c.error is None}
+        while pending:
+            deadline = min(c.deadline for c in pending.values())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            now = time.monotonic()
+            for ref in ready:
+                call = pending.pop(ref)
+                call.done_at = now
+                try:
+                    call.result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    call.error = f"reward raised: {type(e.cause).__name__}: {e.cause}"
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    call.error = f"reward actor lost: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                except Exception as e:  # noqa: BLE001 - object lost, worker crash: this call fails, not the step
+                    call.error = f"{type(e).__name__}: {str(e)[:200]}"
+            for call in [c for c in pending.values() if c.deadline <= now]:
+                del pending[call.ref]
+                call.done_at, call.error = now, f"timed out after {call.timeout_s:.0f}s"
+                logger.warning("reward %s: call timed out; restarting its actor", call.name)
+                ray.kill(call.actor, no_restart=False)  # Ray restarts it (max_restarts); the stuck call is dropped
+
+    def _output(self, name: str, calls: list[_Call], n: int) -> RewardOutput:
+        scores, errors = np.full(n, np.nan), [None] * n
+        extras: dict[str, np.ndarray] = {}
+        for c in calls:
+            part = (RewardScores(c.result["scores"], c.result["errors"], c.result["extras"]) if c.error is None
+                    else RewardScores.failed(len(c.indices), c.error))
+            s, e, x = scatter(n, c.indices, part)
+            scores[c.indices] = s[c.indices]
+            for i in c.indices:
+                errors[i] = e[i]
+            for key, values in x.items():
+                extras.setdefault(key, np.full(n, np.nan))[c.indices] = values[c.indices]
+        starts = [c.deadline - c.timeout_s for c in calls]
+        elapsed = max(c.done_at for c in calls) - min(starts) if calls else 0.0
+        out = RewardOutput(name, scores, errors, sum(len(c.indices) for c in calls), elapsed, extras)
+        self.failures[name] += out.failures
+        out.log()
+        self._metrics.record(out)
+        return out
+
+    def stats(self) -> dict[str, list[dict[str, int]]]:
+        """Per reward, each actor's ``RewardActor.stats``."""
+        return {name: ray.get([a.stats.remote() for a in pool]) for name, pool in self.pools.items()}
+
+    def shutdown(self) -> None:
+        for pool in self.pools.values():
+            for actor in pool:
+                ray.kill(actor, no_restart=True)
+        self.pools = {}
+
+
+class _Metrics:
+    """Per-reward figures exported to the Ray dashboard (Prometheus): mean score, failed samples, call time."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter, Gauge
+
+        self.mean = Gauge("uniar_reward_mean", "mean reward over the last batch's scored samples", tag_keys=("reward",))
+        self.time = Gauge("uniar_reward_call_seconds", "wall time of the last batch", tag_keys=("reward",))
+        self.failed = Counter("uniar_reward_failed_samples", "samples a reward failed on", tag_keys=("reward",))
+
+    def record(self, out: RewardOutput) -> None:
+        tags = {"reward": out.name}
+        valid = out.scores[~np.isnan(out.scores)]
+        if valid.size:
+            self.mean.set(float(valid.mean()), tags=tags)
+        self.time.set(out.elapsed_s, tags=tags)
+        if out.failures:
+            self.failed.inc(out.failures, tags=tags)
