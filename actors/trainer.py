@@ -131,10 +131,10 @@ class TrainerActor:
         return {n: p.detach().cpu().clone() for n, p in self.engine.module.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self, folder: str) -> None:
-        self.engine.save_checkpoint(folder, tag="latest")
+        self.engine.save_checkpoint(folder, tag="state")
 
     def load_checkpoint(self, folder: str) -> None:
-        path, _ = self.engine.load_checkpoint(folder, tag="latest")
+        path, _ = self.engine.load_checkpoint(folder, tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}")
 

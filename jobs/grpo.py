@@ -1,0 +1,297 @@
+"""GRPO training of a UniAR policy on Ray: roll out, decode, score, advantages, update, sync weights.
+
+    python -m jobs.grpo --config configs/grpo_demo.yaml [grpo.beta=0.0 steps=20 ...] [--resume]
+    ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_demo.yaml
+The default config is the embedded demo: local Ray, tiny policy and decoder, a programmatic reward plus OCR, CPU.
+Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, checkpoints/).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import ray
+
+from uniar_ray import grpo
+from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
+from uniar_ray.rollout import GenerationRequest, Rollout
+from uniar_ray.runlog import RunDir, restore_rng
+
+
+def main(argv: list[str] | None = None):
+    cfg, args = parse_cli(GRPORunConfig, argv, default_config="configs/grpo_demo.yaml")
+    run = RunDir(cfg.run_dir, resume=args.resume)
+    (run.path / "config.json").write_text(__import__("json").dumps(to_dict(cfg), indent=2))
+    start_ray(cfg)
+    parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
+    step = resume(run, parts) if args.resume else 0
+    pending = parts.rollout_async(step) if cfg.async_mode == "one_step" else None
+    for step in range(step, cfg.steps):
+        metrics, pending = grpo_step(cfg, parts, step, pending)
+        run.log_metrics(metrics)
+        parts.export(metrics)
+        print(format_line(metrics), flush=True)
+        if (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:
+            parts.save_grid(run, step)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(run, parts, step + 1)
+    run.plot_rewards()
+    parts.close()
+    print(run.path)
+    return run.path
+
+
+def grpo_step(cfg: GRPORunConfig, parts: "Parts", step: int, pending):
+    """One GRPO step; each numbered stage is timed (``time/<stage>``)."""
+    m: dict[str, float] = {"step": step}
+    t_step = time.perf_counter()
+    with timed(m, "rollout"):  # 1-2. sample prompts, roll out G per prompt (or take the one prefetched)
+        batch = pending.result() if pending is not None else parts.rollout(step)
+    if cfg.async_mode == "one_step":  # start step k+1's roll-out now: it runs while step k decodes and scores
+        pending = parts.rollout_async(step + 1) if step + 1 < cfg.steps else None
+    with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
+        images = parts.decode(batch)
+    with timed(m, "score"):  # 4. rewards in parallel, routed by task, weighted nansum
+        parts.score(batch, images, m)
+    with timed(m, "advantages"):  # 5. group-normalised advantages
+        assign_advantages(cfg, batch, m)
+    with timed(m, "update"):  # 6. DeepSpeed step on the trainer ranks
+        m.update({f"train/{k}": v for k, v in parts.trainer.train_step(batch.rollouts).items()})
+    if not math.isfinite(m["train/loss"]):
+        raise FloatingPointError(f"step {step}: the loss is {m['train/loss']}; stopping (the last good checkpoint "
+                                 f"is kept under {cfg.run_dir}/checkpoints)")
+    with timed(m, "sync"):  # 7. new weights into the rollout engines, in place
+        parts.sync_weights()
+    m["step_time_s"] = time.perf_counter() - t_step
+    m["images_per_s"] = len(batch.rollouts) / m["step_time_s"]
+    parts.last_batch, parts.last_images = batch, images
+    return m, pending
+
+
+def assign_advantages(cfg: GRPORunConfig, batch, m: dict) -> None:
+    """Group advantages (uniar_ray.grpo); a group with a failed sample is excluded whole and counted."""
+    import torch
+
+    g, names = cfg.grpo.num_generations, list(cfg.rewards.weights)
+    R = torch.tensor([[r.rewards.get(n, math.nan) for n in names] for r in batch.rollouts], dtype=torch.float64)
+    failed = grpo.whole_groups(torch.tensor([bool(r.excluded) for r in batch.rollouts]), g)
+    res = grpo.group_advantages(R, [cfg.rewards.weights[n] for n in names], g, cfg.grpo.scale_rewards,
+                                all_nan_rewards=cfg.grpo.all_nan_rewards, exclude=failed, func_names=names)
+    for r, a, total, out, bad in zip(batch.rollouts, res.advantages.tolist(), res.rewards.tolist(),
+                                     res.excluded.tolist(), failed.tolist()):
+        r.advantage, r.reward = a, total
+        if out and not r.excluded:
+            r.excluded = "another sample of its group failed" if bad else "no reward applies to this sample"
+    m.update(reward_mean=res.metrics["reward"], excluded_groups=int(failed.view(-1, g)[:, 0].sum()),
+             **{k: v for k, v in res.metrics.items() if k != "reward"})
+
+
+@contextmanager
+def timed(m: dict, stage: str):
+    t0 = time.perf_counter()
+    yield
+    m[f"time/{stage}"] = time.perf_counter() - t0
+
+
+def format_line(m: dict) -> str:
+    return (f"[grpo] step {m['step']:>4}  reward {m.get('reward_mean', float('nan')):.4f}  "
+            f"loss {m.get('train/loss', float('nan')):+.4f}  kl {m.get('train/kl', float('nan')):.4f}  "
+            f"{m['step_time_s']:.1f}s")
+
+
+def start_ray(cfg: GRPORunConfig) -> None:
+    if ray.is_initialized():
+        return
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address)
+    else:  # embedded local Ray (laptop, CI); the dashboard shows the exported metrics
+        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=cfg.cluster.dashboard,
+                 log_to_driver=cfg.cluster.log_to_driver)
+
+
+def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
+    folder = run.checkpoint_dir(step)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts.trainer.save_checkpoint(folder / "trainer")
+    run.save_driver_state(folder, {"step": step, "data": parts.sampler.state_dict()})
+    run.prune_checkpoints(parts.cfg.keep_checkpoints)
+
+
+def resume(run: RunDir, parts: "Parts") -> int:
+    import json
+
+    folder = run.latest_checkpoint()
+    if folder is None:
+        print(f"[grpo] --resume: no complete checkpoint in {run.path}; starting at step 0", file=sys.stderr)
+        return 0
+    state = json.loads((folder / "driver_state.json").read_text())
+    parts.trainer.load_checkpoint(folder / "trainer")
+    parts.sampler.load_state_dict(state["data"])
+    restore_rng(state["rng"])
+    parts.sync_weights()
+    run.truncate_metrics(state["step"])
+    print(f"[grpo] resumed from {folder} at step {state['step']}", file=sys.stderr)
+    return state["step"]
+
+
+class Parts:
+    """The actors of a run and the driver-side glue for each stage (kept out of the step so it reads as a list)."""
+
+    def __init__(self, cfg: GRPORunConfig):
+        from actors.decoder_pool import DecoderPool
+        from actors.group import ActorGroup
+        from actors.reward_models import RewardGroup
+        from actors.rollout_engine import RolloutEngineActor
+        from actors.trainer import TrainerGroup
+        from uniar_ray.data import PromptSampler, load_dataset
+
+        self.cfg = cfg
+        r = cfg.rollout
+        self.rollout_group = ActorGroup(RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+                                        cfg.model, r.backend, r.max_batch, r.num_threads)
+        self.decoder = DecoderPool(cfg.decoder)
+        self.rewards = RewardGroup(cfg.rewards)
+        self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps)
+        d = cfg.data
+        dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
+        print(f"[grpo] data: {dataset.summary()}", flush=True)
+        self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+        self.metrics = _Metrics()
+        self.last_batch = self.last_images = None
+
+    # 1-2 ----------------------------------------------------------------------------------------------------------
+    def _requests(self, step: int):
+        records = self.sampler.next_batch()
+        g, c = self.cfg.grpo.num_generations, self.cfg
+        reqs = []
+        for p, rec in enumerate(records):
+            for k in range(g):
+                seed = c.grpo.seed * 1_000_003 + step * 10_007 + p * g + k  # distinct per (step, prompt, sample)
+                reqs.append(GenerationRequest(rec.prompt, c.ar_height, c.ar_width, seed=seed,
+                                              temperature=self.cfg.grpo.temperature, request_id=f"s{step}-p{p}-g{k}"))
+        return records, reqs
+
+    def rollout(self, step: int):
+        records, reqs = self._requests(step)
+        return _Batch.build(records, reqs, self.rollout_group.map("generate", reqs), self.cfg.grpo.num_generations)
+
+    def rollout_async(self, step: int):
+        records, reqs = self._requests(step)
+        return _Pending(self.rollout_group, records, reqs, self.cfg.grpo.num_generations)
+
+    # 3 --------------------------------------------------------------------------------------------------------------
+    def decode(self, batch):
+        from uniar_ray.decoder.types import DecodeRequest
+
+        g = self.cfg.grpo
+
+        def seed(r):  # see GRPORunConfig.decode_seed
+            return r.seed if self.cfg.decode_seed == "sample" else batch.seeds[r.group]
+
+        results = self.decoder.decode_requests([DecodeRequest.from_rollout(r, seed=seed(r)) for r in batch.rollouts],
+                                               upsampling_ratio=self.cfg.decode_upsampling_ratio,
+                                               num_inference_steps=g.decode_num_inference_steps,
+                                               guidance_scale=g.decode_cfg_scale)
+        for r, res in zip(batch.rollouts, results):
+            if not res.ok:  # never a blank image in its place: the sample (and so its group) is left out
+                r.excluded = r.excluded or f"decode failed: {res.error}"
+        return [res.image if res.ok else None for res in results]
+
+    # 4 --------------------------------------------------------------------------------------------------------------
+    def score(self, batch, images, m: dict) -> None:
+        ok = [i for i, im in enumerate(images) if im is not None]
+        arrays = [images[i] for i in ok]
+        rec = [batch.record_of(i) for i in ok]
+        routed = self.rewards.score(arrays, [x.prompt for x in rec], [x.task for x in rec], [x.metadata for x in rec])
+        for j, i in enumerate(ok):
+            r = batch.rollouts[i]
+            r.rewards = {n: float(v[j]) for n, v in routed.per_reward.items()}
+            if routed.failed.get(j):  # a reward call failed on it: never a made-up score
+                r.excluded = r.excluded or "; ".join(routed.failed[j])
+        m.update({f"score/{k}": v for k, v in routed.metrics.items()})
+
+    # 7 --------------------------------------------------------------------------------------------------------------
+    def sync_weights(self) -> None:
+        state_ref = ray.put(self.trainer.trainable_state())
+        ray.get(self.rollout_group.broadcast("update_weights", state_ref))
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def export(self, m: dict) -> None:
+        self.metrics.export(m)
+
+    def save_grid(self, run: RunDir, step: int) -> None:
+        from uniar_ray.visualize import captioned_grid
+
+        if self.last_batch is None:
+            return
+        from PIL import Image
+
+        shown = [(im, r) for im, r in zip(self.last_images, self.last_batch.rollouts) if im is not None][:16]
+        if shown:
+            grid = captioned_grid([Image.fromarray(im) for im, _ in shown], [f"{r.reward:.3f} {r.prompt}" for _, r in shown])
+            grid.save(run.path / "grids" / f"step-{step:06d}.png")
+
+    def close(self) -> None:
+        self.rewards.shutdown()
+        self.decoder.shutdown()
+
+
+class _Batch:
+    """Rollouts of one step, G consecutive per prompt, with the prompt records they came from."""
+
+    def __init__(self, records, rollouts, g):
+        self.records, self.rollouts, self.g = records, rollouts, g
+        self.seeds = [rollouts[i * g].seed for i in range(len(records))]  # one decoder seed per group
+
+    def record_of(self, i: int):
+        return self.records[i // self.g]
+
+    @classmethod
+    def build(cls, records, reqs, results, g):
+        rollouts = []
+        for i, (req, res) in enumerate(zip(reqs, results)):
+            if not isinstance(res, Rollout):
+                raise RuntimeError(f"rollout failed for {req.request_id}: {res.error}")
+            res.group, res.task = i // g, records[i // g].task
+            rollouts.append(res)
+        return cls(records, rollouts, g)
+
+
+class _Pending:
+    """A roll-out started ahead of time (``async_mode: one_step``)."""
+
+    def __init__(self, group, records, reqs, g):
+        from actors.group import split_even
+
+        self.records, self.reqs, self.g = records, reqs, g
+        shards = split_even(reqs, len(group.actors))
+        self.refs = [a.generate.remote(s) for a, s in zip(group.actors, shards) if s]
+
+    def result(self):
+        results = [x for part in ray.get(self.refs) for x in part]
+        return _Batch.build(self.records, self.reqs, results, self.g)
+
+
+class _Metrics:
+    """Per-step figures as Ray metrics (Prometheus via the dashboard): one gauge per key, created on first use."""
+
+    def __init__(self):
+        self.gauges = {}
+
+    def export(self, m: dict) -> None:
+        from ray.util.metrics import Gauge
+
+        for k, v in m.items():
+            if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                continue
+            name = "uniar_grpo_" + "".join(c if c.isalnum() else "_" for c in k)
+            if name not in self.gauges:
+                self.gauges[name] = Gauge(name, description=f"GRPO {k} per step")
+            self.gauges[name].set(float(v))
+
+
+if __name__ == "__main__":
+    main()
