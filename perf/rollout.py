@@ -44,7 +44,10 @@ def _measure(engine_kind: str, n: int, batch: int, dtype: str, threads: int) -> 
 
 def _measure_vllm(n: int, requests: int, conn) -> None:
     """The vLLM engine on the bench config: ``requests`` concurrent requests (max_num_seqs = requests), fp32."""
+    import os
     import tempfile
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep vLLM's start-up log off this script's stdout
     from pathlib import Path
 
     from uniar_ray.model.tiny import bench_config, write_tiny_checkpoint
