@@ -278,7 +278,7 @@ class DecodeStage:
         errors = [str(e) for e in batch["error"]]
         images = np.zeros((n, *self.out_hw, 3), np.uint8)
         where = [i for i in range(n) if not errors[i]]
-        requests = [DecodeRequest(np.frombuffer(batch["bits"][i], np.uint8), tuple(int(v) for v in batch["bits_shape"][i]),
+        requests = [DecodeRequest(np.frombuffer(batch["bits"][i], np.uint8), tuple(map(int, batch["bits_shape"][i])),
                                   self.s.ar_height, self.s.ar_width, seed=int(batch["seed"][i]),
                                   request_id=f"{batch['idx'][i]}/{batch['k'][i]}") for i in where]
         results = self.decoder.decode_requests(requests, self.s.upsampling_ratio, self.s.num_inference_steps,
@@ -304,13 +304,13 @@ def build_dataset(plan: Plan):
     ds = ds.map_batches(
         GenerateStage, fn_constructor_kwargs={"model": to_dict(model), "rollout": to_dict(cfg.rollout),
                                               "settings": settings},
-        batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.rollout.num_actors),
-        num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)
+        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.rollout.num_cpus,
+        num_gpus=cfg.rollout.num_gpus, compute=ray.data.ActorPoolStrategy(size=cfg.rollout.num_actors))
     return ds.map_batches(
         DecodeStage, fn_constructor_kwargs={"root": str(plan.decoder_root), "decoder": to_dict(cfg.decoder),
                                             "settings": settings},
-        batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.decoder.num_actors),
-        num_cpus=cfg.decoder.num_cpus, num_gpus=cfg.decoder.num_gpus)
+        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decoder.num_cpus,
+        num_gpus=cfg.decoder.num_gpus, compute=ray.data.ActorPoolStrategy(size=cfg.decoder.num_actors))
 
 
 def stream(plan: Plan) -> dict[str, float]:
@@ -446,8 +446,6 @@ def score(plan: Plan) -> dict[str, Any]:
 
 
 def score_geneval(plan: Plan) -> dict[str, Any]:
-    from PIL import Image
-
     from benchmarks.geneval import official_line, summarize
     from rewards.geneval import GenEvalReward
     from rewards.tiny import resolve
@@ -458,9 +456,10 @@ def score_geneval(plan: Plan) -> dict[str, Any]:
     rows, todo = [], [(r, p) for r in plan.records for p in plan.writer.sample_paths(r)]
     for start in range(0, len(todo), sc.batch_size):
         chunk = todo[start:start + sc.batch_size]
-        images = [np.asarray(Image.open(p).convert("RGB")) for _, p in chunk]
+        images = [_read_rgb(p) for _, p in chunk]
         lines = [official_line(r) for r, _ in chunk]
-        for (record, path), line, res in zip(chunk, lines, scorer.evaluate_images(images, [json.loads(x) for x in lines])):
+        verdicts = scorer.evaluate_images(images, [json.loads(x) for x in lines])
+        for (record, path), line, res in zip(chunk, lines, verdicts):
             if isinstance(res, Exception):
                 plan.fail(record.idx, None, f"geneval scoring failed for {path.name}: {res}")
                 continue
@@ -480,6 +479,13 @@ def cli(argv: list[str] | None = None) -> None:
         main(argv)
     except PromptFileError as e:  # a malformed line, named with its line number: no traceback needed
         sys.exit(f"[eval] {e} (benchmark.skip_bad_lines=true reports such lines and goes on)")
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 if __name__ == "__main__":
