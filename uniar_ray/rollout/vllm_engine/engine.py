@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from uniar_ray.model.configuration import UniARConfig
@@ -146,8 +147,6 @@ class VLLMRolloutEngine:
         bits, logp = decode_payload(data, (n, *self.bits_shape))
         self._tokens += n
         self._images += 1
-        import numpy as np
-
         return Rollout.from_bits(bits, request_id=req.request_id, prompt=req.prompt,
                                  prompt_ids=np.asarray(ids, dtype=np.int32), ar_height=req.ar_height,
                                  ar_width=req.ar_width, logprobs=logp.numpy() if req.return_logprobs else None,
