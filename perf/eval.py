@@ -1,7 +1,7 @@
 """Eval pipeline throughput: the Ray Data stream (generation and decoder actors overlapping, the driver writing)
 against a sequential loop (generate a batch, decode it, write it) with the same tiny models, settings and batch size.
 
-    python -m perf.eval                      # 320 LongText-style prompts x 1 sample, AR 128x128, batch 8
+    python -m perf.eval                      # 1,200 LongText-style prompts x 1 sample, AR 256x256, 2 steps, batch 8
     python -m perf.eval --prompts 64 --memory-prompts 0     # a quick check
 Also the pipeline's fixed start-up (Ray Data + both actor pools' model loads + the first batch) and peak memory of a
 2,000-prompt run (driver and Ray workers, sampled). Last line: one JSON object.
@@ -73,14 +73,18 @@ class MemorySampler:
         self._thread.join()
 
 
-def sequential(cfg: EvalConfig) -> dict:
-    """Same models, settings and batch size in one process (torch on all cores): generate, decode, write."""
+def sequential(cfg: EvalConfig, threads: int) -> dict:
+    """Same models, settings and batch size in one process: generate, decode, write. ``threads``: torch threads
+    (1 is this loop's best on the shared 2-core machines: with 2, OpenMP threads spin-wait on cores other jobs hold,
+    and a batch took 10-100x longer when measured)."""
     import torch
     from PIL import Image
 
     from uniar_ray.decoder import DecodeRequest, UniARDecoder
     from uniar_ray.model.factory import load_policy
     from uniar_ray.rollout import GenerationRequest, TorchRolloutEngine
+
+    torch.set_num_threads(threads)
 
     plan = eval_job.make_plan(cfg)
     s, by_idx = plan.settings, {r.idx: r for r in plan.records}
@@ -121,11 +125,12 @@ def pipeline(cfg: EvalConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--prompts", type=int, default=320, help="prompts (1 sample each) of the throughput runs")
+    parser.add_argument("--prompts", type=int, default=1200, help="prompts (1 sample each) of the throughput runs")
     parser.add_argument("--memory-prompts", type=int, default=2000, help="prompts of the memory run (0: skip)")
-    parser.add_argument("--ar", type=int, default=128)
+    parser.add_argument("--ar", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2, help="decoder steps")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-threads", type=int, default=1, help="torch threads of the sequential loop")
     parser.add_argument("--tiny-cache", default=str(REPO / "runs/.tiny_checkpoint"))
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
            "decoder_steps": args.steps, "batch": args.batch, "cpus": psutil.cpu_count(),
            "load_avg_start": [round(x, 1) for x in psutil.getloadavg()]}
     out["pipeline"] = pipeline(make_config(prompts, tmp / "pipeline", args, args.prompts))
-    out["sequential"] = sequential(make_config(prompts, tmp / "sequential", args, args.prompts))
+    out["sequential"] = sequential(make_config(prompts, tmp / "sequential", args, args.prompts), args.seq_threads)
     p, s = out["pipeline"], out["sequential"]
     out["speedup"] = round(p["images_per_s"] / s["images_per_s"], 3)  # pipeline wall time includes its start-up
     if p["steady_images_per_s"]:
