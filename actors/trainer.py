@@ -173,6 +173,11 @@ class TrainerGroup:
     def load_checkpoint(self, folder: Path) -> None:
         ray.get([a.load_checkpoint.remote(str(folder)) for a in self.actors])
 
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(self.pg)
+
 
 def _free_port() -> int:
     with socket.socket() as s:

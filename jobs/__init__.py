@@ -2,6 +2,6 @@
 
 CONFIG_SCHEMAS maps a config file (by stem, or by its folder under configs/) to the dataclass that validates it.
 """
-from uniar_ray.config import DemoConfig, EvalConfig, SweepConfig
+from uniar_ray.config import DemoConfig, EvalConfig, GRPORunConfig, SweepConfig
 
-CONFIG_SCHEMAS = {"demo": DemoConfig, "eval": EvalConfig, "sweep": SweepConfig}
+CONFIG_SCHEMAS = {"demo": DemoConfig, "eval": EvalConfig, "sweep": SweepConfig, "grpo_demo": GRPORunConfig}

@@ -40,8 +40,20 @@ def main(argv: list[str] | None = None):
             save_checkpoint(run, parts, step + 1)
     run.plot_rewards()
     parts.close()
+    summarize(run)
     print(run.path)
     return run.path
+
+
+def summarize(run: RunDir) -> None:
+    """One line a person can read at the end: how the reward moved (first 3 vs last 3 steps)."""
+    rows = [m for m in run.read_metrics() if m.get("reward_mean") is not None]
+    if len(rows) >= 2:
+        k = min(3, len(rows) // 2)
+        first = sum(m["reward_mean"] for m in rows[:k]) / k
+        last = sum(m["reward_mean"] for m in rows[-k:]) / k
+        print(f"[grpo] mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} ({last - first:+.4f}); "
+              f"curve: {run.path / 'reward_curve.png'}", flush=True)
 
 
 def grpo_step(cfg: GRPORunConfig, parts: "Parts", step: int, pending):
@@ -189,7 +201,8 @@ class Parts:
         g = self.cfg.grpo
 
         def seed(r):  # see GRPORunConfig.decode_seed
-            return r.seed if self.cfg.decode_seed == "sample" else batch.seeds[r.group]
+            mode = self.cfg.decode_seed
+            return g.seed if mode == "fixed" else batch.seeds[r.group] if mode == "group" else r.seed
 
         results = self.decoder.decode_requests([DecodeRequest.from_rollout(r, seed=seed(r)) for r in batch.rollouts],
                                                upsampling_ratio=self.cfg.decode_upsampling_ratio,
@@ -237,6 +250,9 @@ class Parts:
     def close(self) -> None:
         self.rewards.shutdown()
         self.decoder.shutdown()
+        self.trainer.shutdown()
+        for a in self.rollout_group.actors:
+            ray.kill(a)
 
 
 class _Batch:

@@ -458,6 +458,55 @@ class ClusterConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The GRPO job (jobs/grpo.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GRPORunConfig:
+    """Everything one GRPO run needs; ``configs/grpo_demo.yaml`` is the embedded CPU demo."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=lambda: DecoderConfig())  # noqa: F821 (appended by the decoder)
+    rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    ar_height: int = 512  # the reference's IMAGE_HEIGHT / IMAGE_WIDTH in RL (N = 256)
+    ar_width: int = 512
+    decode_upsampling_ratio: float = 1.0  # RL decodes at the AR size (the reference's decode server)
+    # The decoder's initial noise. fixed: the same noise (seed grpo.seed) for every sample of every step, so reward
+    # differences come from the bits alone (the reference's decode server also re-creates the same generator seed
+    # for every batch); group: shared by the G samples of a prompt, new per group; sample: its own per sample.
+    decode_seed: str = "fixed"
+    steps: int = 500
+    async_mode: str = "off"  # off | one_step (decode + score of step k overlap the roll-out of step k+1)
+    run_dir: str = "runs/grpo"
+    save_every: int = 50
+    keep_checkpoints: int = 10
+    grid_every: int = 1
+
+    def __post_init__(self):
+        for name in ("ar_height", "ar_width"):
+            v = getattr(self, name)
+            if v <= 0 or v % 32:
+                raise ConfigError(f"{name}={v}: AR sizes must be positive multiples of 32")
+        _check_choice("async_mode", self.async_mode, ("off", "one_step"))
+        _check_choice("decode_seed", self.decode_seed, ("fixed", "group", "sample"))
+        if self.steps < 1 or self.save_every < 1 or self.grid_every < 1:
+            raise ConfigError("steps, save_every and grid_every must be >= 1")
+        batch = self.data.prompts_per_step * self.grpo.num_generations
+        per_rank = self.trainer.world_size
+        if batch % per_rank:
+            raise ConfigError(f"{batch} samples per step (data.prompts_per_step x grpo.num_generations) do not split "
+                              f"evenly across trainer.world_size={per_rank}")
+        if not self.rewards.models:
+            raise ConfigError("rewards.models is empty: configure at least one reward")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Batch evaluation and sweeps (jobs/eval.py, jobs/sweep.py)
 # ----------------------------------------------------------------------------------------------------------------
 

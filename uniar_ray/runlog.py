@@ -55,15 +55,19 @@ class RunDir:
         import matplotlib.pyplot as plt
 
         steps = [m["step"] for m in rows]
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-        ax.plot(steps, [m.get("reward_mean", math.nan) for m in rows], marker="o", label="reward (weighted)")
-        names = sorted({k[len("reward/"):-len("/mean")] for m in rows for k in m if k.startswith("reward/") and k.endswith("/mean")})
-        for n in names:
-            ax.plot(steps, [m.get(f"reward/{n}/mean", math.nan) for m in rows], linestyle="--", label=n)
-        ax.set_xlabel("step")
-        ax.set_ylabel("mean reward")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        names = sorted({k[len("rewards/"):-len("/mean")] for m in rows for k in m
+                        if k.startswith("rewards/") and k.endswith("/mean")})
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), dpi=110, sharex=True)
+        top.plot(steps, [_num(m.get("reward_mean")) for m in rows], marker="o")
+        top.set_ylabel("weighted reward")
+        for n in names:  # each reward on its own scale would squash the total, hence a second panel
+            bottom.plot(steps, [_num(m.get(f"rewards/{n}/mean")) for m in rows], marker=".", label=n)
+        bottom.set_ylabel("per reward (mean)")
+        bottom.set_xlabel("step")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        if names:
+            bottom.legend(fontsize=8)
         fig.tight_layout()
         out = self.path / "reward_curve.png"
         fig.savefig(out)
@@ -131,3 +135,7 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN; a missing figure is null
     return v
+
+
+def _num(v: Any) -> float:
+    return math.nan if v is None else float(v)
