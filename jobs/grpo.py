@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None):
     start_ray(cfg)
     parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
     step = resume(run, parts) if args.resume else 0
-    pending = parts.rollout_async(step) if cfg.async_mode == "one_step" else None
+    pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
     for step in range(step, cfg.steps):
         metrics, pending = grpo_step(cfg, parts, step, pending)
         run.log_metrics(metrics)
@@ -57,17 +57,24 @@ def summarize(run: RunDir) -> None:
 
 
 def grpo_step(cfg: GRPORunConfig, parts: "Parts", step: int, pending):
-    """One GRPO step; each numbered stage is timed (``time/<stage>``)."""
+    """One GRPO step; each numbered stage is timed (``time/<stage>``).
+
+    With ``async_mode: one_step`` stages 1-4 of step k+1 run in the background (roll-out submitted before step k's
+    update, so it samples from the same weights as a synchronous run would one step earlier) while step k updates:
+    its samples are one step stale, which the trainer's importance-sampling correction accounts for."""
     m: dict[str, float] = {"step": step}
     t_step = time.perf_counter()
-    with timed(m, "rollout"):  # 1-2. sample prompts, roll out G per prompt (or take the one prefetched)
-        batch = pending.result() if pending is not None else parts.rollout(step)
-    if cfg.async_mode == "one_step":  # start step k+1's roll-out now: it runs while step k decodes and scores
-        pending = parts.rollout_async(step + 1) if step + 1 < cfg.steps else None
-    with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
-        images = parts.decode(batch)
-    with timed(m, "score"):  # 4. rewards in parallel, routed by task, weighted nansum
-        parts.score(batch, images, m)
+    if pending is not None:  # 1-4 done in the background; the wait is what the overlap did not hide
+        with timed(m, "wait_prefetch"):
+            batch, images, staged = pending.result()
+        m.update(staged)
+    else:
+        batch, images, staged = parts.collect(step)  # 1-4: prompts, roll-out, decode, score
+        m.update(staged)
+    if cfg.async_mode == "one_step" and step + 1 < cfg.steps:
+        pending = parts.prefetch(step + 1)
+    else:
+        pending = None
     with timed(m, "advantages"):  # 5. group-normalised advantages
         assign_advantages(cfg, batch, m)
     with timed(m, "update"):  # 6. DeepSpeed step on the trainer ranks
@@ -190,9 +197,32 @@ class Parts:
         records, reqs = self._requests(step)
         return _Batch.build(records, reqs, self.rollout_group.map("generate", reqs), self.cfg.grpo.num_generations)
 
-    def rollout_async(self, step: int):
+    def collect(self, step: int, refs=None, records=None, reqs=None):
+        """Stages 1-4 of a step: roll-out (or wait for one already submitted), decode, score."""
+        m: dict[str, float] = {}
+        with timed(m, "rollout"):  # 1-2. sample prompts, roll out G per prompt
+            if refs is None:
+                batch = self.rollout(step)
+            else:
+                results = [x for part in ray.get(refs) for x in part]
+                batch = _Batch.build(records, reqs, results, self.cfg.grpo.num_generations)
+        with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
+            images = self.decode(batch)
+        with timed(m, "score"):  # 4. rewards in parallel, routed by task, weighted nansum
+            self.score(batch, images, m)
+        return batch, images, m
+
+    def prefetch(self, step: int):
+        """Submit step ``step``'s roll-out now (ordered before any later weight update), finish 1-4 in a thread."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from actors.group import split_even
+
         records, reqs = self._requests(step)
-        return _Pending(self.rollout_group, records, reqs, self.cfg.grpo.num_generations)
+        shards = split_even(reqs, len(self.rollout_group.actors))
+        refs = [a.generate.remote(s) for a, s in zip(self.rollout_group.actors, shards) if s]
+        self._pool = getattr(self, "_pool", None) or ThreadPoolExecutor(1, thread_name_prefix="grpo-prefetch")
+        return self._pool.submit(self.collect, step, refs, records, reqs)
 
     # 3 --------------------------------------------------------------------------------------------------------------
     def decode(self, batch):
@@ -251,6 +281,8 @@ class Parts:
         self.rewards.shutdown()
         self.decoder.shutdown()
         self.trainer.shutdown()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True)
         for a in self.rollout_group.actors:
             ray.kill(a)
 
@@ -274,21 +306,6 @@ class _Batch:
             res.group, res.task = i // g, records[i // g].task
             rollouts.append(res)
         return cls(records, rollouts, g)
-
-
-class _Pending:
-    """A roll-out started ahead of time (``async_mode: one_step``)."""
-
-    def __init__(self, group, records, reqs, g):
-        from actors.group import split_even
-
-        self.records, self.reqs, self.g = records, reqs, g
-        shards = split_even(reqs, len(group.actors))
-        self.refs = [a.generate.remote(s) for a, s in zip(group.actors, shards) if s]
-
-    def result(self):
-        results = [x for part in ray.get(self.refs) for x in part]
-        return _Batch.build(self.records, self.reqs, results, self.g)
 
 
 class _Metrics:

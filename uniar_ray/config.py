@@ -482,7 +482,7 @@ class GRPORunConfig:
     # for every batch); group: shared by the G samples of a prompt, new per group; sample: its own per sample.
     decode_seed: str = "fixed"
     steps: int = 500
-    async_mode: str = "off"  # off | one_step (decode + score of step k overlap the roll-out of step k+1)
+    async_mode: str = "sync"  # sync | one_step (decode + score of step k overlap the roll-out of step k+1)
     run_dir: str = "runs/grpo"
     save_every: int = 50
     keep_checkpoints: int = 10
@@ -493,7 +493,7 @@ class GRPORunConfig:
             v = getattr(self, name)
             if v <= 0 or v % 32:
                 raise ConfigError(f"{name}={v}: AR sizes must be positive multiples of 32")
-        _check_choice("async_mode", self.async_mode, ("off", "one_step"))
+        _check_choice("async_mode", self.async_mode, ("sync", "one_step"))
         _check_choice("decode_seed", self.decode_seed, ("fixed", "group", "sample"))
         if self.steps < 1 or self.save_every < 1 or self.grid_every < 1:
             raise ConfigError("steps, save_every and grid_every must be >= 1")

@@ -81,3 +81,13 @@ def test_reward_actor_killed_mid_step(ray_local, retries):
         assert m["train/loss"] == m["train/loss"]  # finite: the step completed
     finally:
         parts.close()
+
+
+def test_one_step_async_mode_runs_and_corrects_for_staleness(ray_local, tmp_path):
+    path = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path / 'async'}", *FAST,
+                     "async_mode=one_step"])
+    rows = _metrics(path)
+    assert [m["step"] for m in rows] == [0, 1, 2]
+    assert all("time/wait_prefetch" in m and m["train/loss"] is not None for m in rows)
+    # step 2's samples came from the weights before step 1's update: the IS ratio is no longer exactly 1
+    assert rows[2]["train/sampling/sampling_logp_difference/max"] > 1e-4
