@@ -67,8 +67,8 @@ def start_ray(cfg: Any) -> bool:
         return False
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address)
-    else:
-        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=cfg.cluster.dashboard,
+    else:  # address="local": a new embedded instance even when another Ray runs on this machine
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=cfg.cluster.dashboard,
                  log_to_driver=cfg.cluster.log_to_driver)
     return True
 
