@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 from PIL import Image
 
+from uniar_ray.data import BadLine  # one record for a reported bad line, shared with the RL data reader
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_NAME = re.compile(r"^(\d{4})\.png$")
 
@@ -87,16 +89,6 @@ class PromptRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"idx": self.idx, "prompt": self.prompt, "meta": self.meta, **self.extra}
-
-
-@dataclasses.dataclass
-class BadLine:
-    path: str
-    line: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
 
 
 def read_prompts(
