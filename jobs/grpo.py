@@ -7,12 +7,12 @@ Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, ch
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import ray
 
 from uniar_ray import grpo
@@ -24,22 +24,26 @@ from uniar_ray.runlog import RunDir, restore_rng
 def main(argv: list[str] | None = None):
     cfg, args = parse_cli(GRPORunConfig, argv, default_config="configs/grpo_demo.yaml")
     run = RunDir(cfg.run_dir, resume=args.resume)
-    (run.path / "config.json").write_text(__import__("json").dumps(to_dict(cfg), indent=2))
+    (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     start_ray(cfg)
     parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
-    step = resume(run, parts) if args.resume else 0
-    pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
-    for step in range(step, cfg.steps):
-        metrics, pending = grpo_step(cfg, parts, step, pending)
-        run.log_metrics(metrics)
-        parts.export(metrics)
-        print(format_line(metrics), flush=True)
-        if (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:
-            parts.save_grid(run, step)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(run, parts, step + 1)
-    run.plot_rewards()
-    parts.close()
+    try:
+        step = resume(run, parts) if args.resume else 0
+        pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
+        for step in range(step, cfg.steps):
+            metrics, pending = grpo_step(cfg, parts, step, pending)
+            run.log_metrics(metrics)
+            parts.export(metrics)
+            print(format_line(metrics), flush=True)
+            if (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:
+                parts.save_grid(run, step)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                save_checkpoint(run, parts, step + 1)
+    except FloatingPointError as e:  # a NaN loss: stop with a message, keep the last good checkpoint
+        raise SystemExit(f"[grpo] {e}") from None
+    finally:
+        run.plot_rewards()
+        parts.close()
     summarize(run)
     print(run.path)
     return run.path
@@ -140,8 +144,6 @@ def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
 
 
 def resume(run: RunDir, parts: "Parts") -> int:
-    import json
-
     folder = run.latest_checkpoint()
     if folder is None:
         print(f"[grpo] --resume: no complete checkpoint in {run.path}; starting at step 0", file=sys.stderr)
