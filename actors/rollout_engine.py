@@ -18,13 +18,14 @@ from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError, TorchRol
 
 @ray.remote(max_restarts=2, max_task_retries=0)
 class RolloutEngineActor:
-    def __init__(self, model: ModelConfig, backend: str = "torch", max_batch: int = 16, num_threads: int = 0):
+    def __init__(self, model: ModelConfig, backend: str = "torch", max_batch: int = 16, num_threads: int = 0,
+                 vllm_kvcache_gib: float = 1.0):
         if num_threads:
             torch.set_num_threads(num_threads)
         if backend == "vllm":  # imported here: vLLM is heavy and only this backend needs it
             from uniar_ray.rollout.vllm_engine import VLLMRolloutEngine
 
-            self.engine = VLLMRolloutEngine.from_model_config(model, max_batch=max_batch)
+            self.engine = VLLMRolloutEngine.from_model_config(model, max_batch=max_batch, kvcache_gib=vllm_kvcache_gib)
         elif backend == "torch":
             policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed)
             self.engine = TorchRolloutEngine(policy, max_batch=max_batch)

@@ -63,3 +63,8 @@ def test_every_shipped_yaml_loads():
         schema = schema or CONFIG_SCHEMAS.get(f.stem)
         assert schema is not None, f"{f}: no config schema registered for it in jobs.CONFIG_SCHEMAS"
         C.load_config(schema, f)
+
+
+def test_float_in_exponent_notation_without_a_dot():
+    cfg = C.load_config(_Outer, None, ["inner.temperature=1e-6"])  # YAML 1.1 parses this as a string
+    assert cfg.inner.temperature == 1e-6

@@ -147,6 +147,11 @@ def _coerce(tp: Any, value: Any, where: str, name: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {name} must be float, got {value!r}") from None
     if tp in (int, float, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{where}: {name} must be {tp.__name__}, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -309,7 +314,7 @@ class RolloutConfig:
     num_gpus: float = 0.0
     max_batch: int = 16  # rows (x2 with CFG) per engine call
     num_threads: int = 0  # torch threads inside the actor (0: torch's default)
-    vllm_kvcache_gib: float = 1.0  # vllm on CPU: VLLM_CPU_KVCACHE_SPACE
+    vllm_kvcache_gib: float = 1.0  # vllm: paged KV cache for both stacks (kv_cache_memory_bytes), GiB
 
     def __post_init__(self):
         _check_choice("rollout.backend", self.backend, ("torch", "vllm"))
