@@ -118,7 +118,7 @@ class UniARCPUModelRunner(CPUModelRunner):
         """Bits for every row whose sample vLLM keeps; discarded rows (partial prefill chunks) draw nothing, so a
         request's uniforms depend only on its seed, as in the torch engine (same primitives, same stream)."""
         if spec_decode_metadata is not None:
-            raise NotImplementedError("speculative decoding is not supported by the UniAR bitwise sampler")
+            raise RuntimeError("speculative decoding is not supported by the UniAR bitwise sampler: leave it off")
         num_reqs = self.input_batch.num_reqs
         discard = self.discard_request_mask.np[:num_reqs]
         rows = [i for i in range(num_reqs) if not discard[i]]
