@@ -194,6 +194,14 @@ def remove_stale_temps(folder: str | Path) -> int:
     return removed
 
 
+def save_png_once(path: Path, image: Image.Image) -> bool:
+    """Write ``image`` as an RGB PNG at ``path`` atomically, unless it exists (resume): True when written."""
+    if path.exists():
+        return False
+    atomic_save_image(as_rgb(image), path, "PNG")
+    return True
+
+
 def as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -250,7 +258,7 @@ class UnifiedWriter:
         if path.exists():
             return False
         self.write_metadata(record)
-        atomic_save_image(as_rgb(image), path, "PNG")
+        save_png_once(path, image)
         return True
 
     def finalize(self, record: PromptRecord) -> bool:

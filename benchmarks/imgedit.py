@@ -17,7 +17,7 @@ from benchmarks.common import (
     PromptRecord,
     Report,
     as_rgb,
-    atomic_save_image,
+    save_png_once,
     data_root,
     iter_unified,
 )
@@ -119,11 +119,7 @@ class ImgEditWriter:
     def write_sample(self, record: PromptRecord, k: int, image: Image.Image) -> bool:
         if k != 0:
             raise ValueError(f"imgedit: sample number must be 0, got {k}")
-        path = self.sample_path(record)
-        if path.exists():
-            return False
-        atomic_save_image(as_rgb(image), path, "PNG")
-        return True
+        return save_png_once(self.sample_path(record), image)
 
     def finalize(self, record: PromptRecord) -> bool:
         return False

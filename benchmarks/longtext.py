@@ -18,7 +18,8 @@ from benchmarks.common import (
     PromptRecord,
     Report,
     as_rgb,
-    atomic_save_image,
+    save_png_once,
+    _check_sample_number,
     iter_unified,
 )
 
@@ -60,13 +61,8 @@ class LongTextWriter:
         return [k for k in range(self.samples_per_prompt) if not self.sample_path(record, k).exists()]
 
     def write_sample(self, record: PromptRecord, k: int, image: Image.Image) -> bool:
-        if not 0 <= k < self.samples_per_prompt:
-            raise ValueError(f"sample number {k} outside 0..{self.samples_per_prompt - 1}")
-        path = self.sample_path(record, k)
-        if path.exists():
-            return False
-        atomic_save_image(as_rgb(image), path, "PNG")
-        return True
+        _check_sample_number(k, self.samples_per_prompt)
+        return save_png_once(self.sample_path(record, k), image)
 
     def finalize(self, record: PromptRecord) -> bool:
         return False
