@@ -62,7 +62,10 @@ class TorchRolloutEngine:
         self._tokens = 0
         self._seconds = 0.0
         self._images = 0
-        self.last_step_seconds: list[float] = []  # per-step wall time of the last batch (benchmarks read it)
+        # Timings of the last batch (benchmarks read them): per-step wall times (device times only with cuda_graph,
+        # which syncs each step), prefill, graph capture, and all decode steps (synced at the end).
+        self.last_step_seconds: list[float] = []
+        self.last_prefill_seconds = self.last_capture_seconds = self.last_decode_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -138,9 +141,14 @@ class TorchRolloutEngine:
         pol = self.policy
         texts, owners = self._row_texts(items)
         tp = tokenize(pol.tokenizer, texts, pol.device)
+        t0 = time.perf_counter()
         run = _Run(self, items, owners, tp, items[0].req.ar_height, items[0].req.ar_width)
         run.prefill(self._prefix_embeds(items, owners, tp.input_ids))
+        _sync(pol.device)
+        t1 = time.perf_counter()
         step = run.capture() if self.cuda_graph else run.step
+        _sync(pol.device)
+        self.last_prefill_seconds, self.last_capture_seconds = t1 - t0, time.perf_counter() - t1
         self.last_step_seconds = []
         t_step = time.perf_counter()
         for i in range(run.n):
@@ -152,6 +160,8 @@ class TorchRolloutEngine:
             now = time.perf_counter()
             self.last_step_seconds.append(now - t_step)
             t_step = now
+        _sync(pol.device)
+        self.last_decode_seconds = time.perf_counter() - t1 - self.last_capture_seconds
         self._tokens += run.n * len(items)
         self._images += len(items)
         return [self._record(it, tp, k, run.out_bits[k], run.out_lp[k]) for k, it in enumerate(items)]
@@ -199,6 +209,11 @@ class TorchRolloutEngine:
                                  ar_height=r.ar_height, ar_width=r.ar_width,
                                  logprobs=lp.cpu().numpy() if r.return_logprobs else None,
                                  seed=r.seed, temperature=r.temperature, cfg_scale=r.cfg_scale)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Run:
