@@ -80,7 +80,7 @@ def run_engine(policy, kind: str, n: int, batch: int, cfg_scale: float, padded: 
     from uniar_ray.rollout import GenerationRequest, TorchRolloutEngine
 
     engine = TorchRolloutEngine(policy, max_batch=batch, recompute_visual_stack=kind == "reference",
-                                cuda_graph=kind == "cached_graph")
+                                cuda_graph=kind.startswith("cached_graph"), compile=kind.endswith("compiled"))
     side = SIDE[n]
     prompts = [PROMPT if not padded or i % 2 else "a cat" for i in range(batch)]  # same length: no mask
     reqs = [GenerationRequest(prompts[i], side, side, seed=i, cfg_scale=cfg_scale) for i in range(batch)]
@@ -97,7 +97,7 @@ def run_engine(policy, kind: str, n: int, batch: int, cfg_scale: float, padded: 
            "ms_per_step": round(1000 * engine.last_decode_seconds / n, 3),
            "image_tokens_per_s": round(n * batch / seconds, 1), "seconds": round(seconds, 2),
            "prefill_s": round(engine.last_prefill_seconds, 3), "capture_s": round(engine.last_capture_seconds, 3)}
-    if kind == "cached_graph":
+    if kind.startswith("cached_graph"):
         row["median_step_ms"] = round(1000 * statistics.median(engine.last_step_seconds), 3)
     if policy.device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -206,6 +206,11 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", help="samples per engine call")
     ap.add_argument("--cfg", type=float, default=1.0, help="> 1 doubles the rows (cond + uncond)")
     ap.add_argument("--reference-sizes", type=int, nargs="+", help="sizes at which the reference algorithm runs")
+    ap.add_argument("--engines", nargs="+", help="cached, cached_graph, cached_graph_compiled (default: all that "
+                                                 "the device supports)")
+    ap.add_argument("--reference-batches", type=int, nargs="+", help="batches at which the reference runs")
+    ap.add_argument("--no-padded", action="store_true", help="skip the padded-prompt run")
+    ap.add_argument("--no-decoder", action="store_true", help="skip the decoder section")
     ap.add_argument("--decoder-images", type=int, default=8)
     ap.add_argument("--decoder-steps", type=int, default=28)
     ap.add_argument("--budget-s", type=float, default=420, help="skip the remaining runs past this many seconds")
@@ -226,23 +231,25 @@ def main(argv=None):
     result["copy_bandwidth_tb_s"] = round(bw / 1e12, 2) if bw else None
     print(json.dumps(result), flush=True)
     runs, skipped = [], []
-    kinds = ["cached", "cached_graph"] if a.device.startswith("cuda") else ["cached"]
+    kinds = a.engines or (["cached", "cached_graph", "cached_graph_compiled"] if a.device.startswith("cuda")
+                          else ["cached"])
     plan = [(k, n, b) for n in sizes for b in batches for k in kinds]
-    plan += [("reference", n, b) for n in ref_sizes for b in batches]
+    plan += [("reference", n, b) for n in ref_sizes for b in (a.reference_batches or batches)]
     for kind, n, b in plan:
         if time.perf_counter() - t_start > a.budget_s:
             skipped.append(f"{kind} n={n} b={b}")
             continue
         runs.append(_guarded(lambda: run_engine(policy, kind, n, b, a.cfg), policy, bw,
                              {"engine": kind, "n": n, "batch": b, "padded": False}))
-    runs.append(_guarded(lambda: run_engine(policy, "cached", sizes[0], batches[0], a.cfg, padded=True), policy, bw,
-                         {"engine": "cached", "n": sizes[0], "batch": batches[0], "padded": True}))
+    if not a.no_padded:
+        runs.append(_guarded(lambda: run_engine(policy, kinds[-1], sizes[0], batches[0], a.cfg, padded=True), policy,
+                             bw, {"engine": kinds[-1], "n": sizes[0], "batch": batches[0], "padded": True}))
     result["attention"] = _section(lambda: attention_kernels(policy, batches[0], sizes[-1])) \
         if a.device.startswith("cuda") else None
     del policy
     if a.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    result["decoder"] = _section(lambda: decoder_section(a.tiny, a.device, dtype, 2 if a.tiny else a.decoder_images,
+    result["decoder"] = None if a.no_decoder else _section(lambda: decoder_section(a.tiny, a.device, dtype, 2 if a.tiny else a.decoder_images,
                                                          2 if a.tiny else a.decoder_steps))
     result["ratios"] = _ratios(runs)
     result["runs"], result["skipped"] = runs, skipped
@@ -281,7 +288,7 @@ def _add_bound(row: dict, policy, bandwidth: float | None) -> None:
 
 
 def _ratios(runs: list[dict]) -> dict:
-    """cached / cached_graph over reference (tokens/s), graph over eager, at each (n, batch) measured."""
+    """Each cached engine over the reference (tokens/s), graphed over eager (step time), per (n, batch)."""
     by = {(r["engine"], r["n"], r["batch"]): r for r in runs if not r["padded"] and "error" not in r}
     out = {}
     for (kind, n, b), r in by.items():
@@ -289,8 +296,8 @@ def _ratios(runs: list[dict]) -> dict:
         if kind != "reference" and ref:
             out[f"{kind}_over_reference_n{n}_b{b}"] = round(r["image_tokens_per_s"] / ref["image_tokens_per_s"], 2)
         eager = by.get(("cached", n, b))
-        if kind == "cached_graph" and eager:
-            out[f"graph_over_eager_step_n{n}_b{b}"] = round(eager["ms_per_step"] / r["ms_per_step"], 2)
+        if kind.startswith("cached_graph") and eager:
+            out[f"{kind}_over_eager_step_n{n}_b{b}"] = round(eager["ms_per_step"] / r["ms_per_step"], 2)
     return out
 
 

@@ -13,7 +13,7 @@ from itertools import groupby
 import torch
 
 from uniar_ray.model import UniARPolicy, generation_text, tokenize
-from uniar_ray.model.layers import KVCache, attention_mask, fuse_projections
+from uniar_ray.model.layers import KVCache, attention_mask, compile_decoder_layers, fuse_projections
 from uniar_ray.model.positions import image_grid, rope_positions
 from uniar_ray.model.prompts import check_ar_size
 from uniar_ray.sampling import bit_logprobs_t, guided_logits, make_generators, sample_bits
@@ -36,14 +36,15 @@ class _Item:
 
 class TorchRolloutEngine:
     def __init__(self, policy: UniARPolicy, max_batch: int = 16, recompute_visual_stack: bool = False,
-                 fuse: bool = True, static_shapes: bool = False, cuda_graph: bool = False):
+                 fuse: bool = True, static_shapes: bool = False, cuda_graph: bool = False, compile: bool = False):
         """recompute_visual_stack=True runs the reference's algorithm (the visual stack over the whole sequence at
         every step, no cache); only benchmarks and tests use it, as the baseline the cache is measured against.
 
         fuse: q/k/v and gate/up projections as one matmul each (``fuse_projections``: same numbers, fewer kernels).
         static_shapes: every step attends over the whole preallocated cache under a mask and writes at a device
         index, so a step has fixed shapes and no host sync. cuda_graph: record that step in a CUDA graph and replay
-        it (per-step launch overhead gone; implies static_shapes; CUDA only).
+        it (per-step launch overhead gone; implies static_shapes; CUDA only). compile: fuse each decoder layer's
+        elementwise work with torch.compile (``compile_decoder_layers``; minutes of compilation once per process).
         """
         if policy.tokenizer is None:
             raise ValueError("the policy has no tokenizer: load it from a checkpoint folder with tokenizer files")
@@ -53,8 +54,11 @@ class TorchRolloutEngine:
         if recompute_visual_stack and (static_shapes or cuda_graph):
             raise ValueError("recompute_visual_stack is the uncached reference baseline: it has no static form")
         self.policy = policy.eval()
+        self.fuse = fuse
         if fuse:
             fuse_projections(self.policy)
+        if compile:
+            compile_decoder_layers(self.policy)
         self.max_batch = max_batch
         self.recompute_visual_stack = recompute_visual_stack
         self.static_shapes = static_shapes or cuda_graph
@@ -139,6 +143,8 @@ class TorchRolloutEngine:
     @torch.inference_mode()
     def _generate_batch(self, items: list[_Item]) -> list[Rollout]:
         pol = self.policy
+        if self.fuse:
+            fuse_projections(pol)  # re-fuses only if a .to() replaced the weights since
         texts, owners = self._row_texts(items)
         tp = tokenize(pol.tokenizer, texts, pol.device)
         t0 = time.perf_counter()
