@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from itertools import groupby
+from typing import Callable
 
 import torch
 
@@ -73,7 +74,10 @@ class TorchRolloutEngine:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Rollout | RolloutError]:
+    def generate(self, requests: list[GenerationRequest],
+                 on_step: Callable[[int, int], None] | None = None) -> list[Rollout | RolloutError]:
+        """One result per request, in order. ``on_step(i, n)`` is called after AR step i of n of each batch (progress
+        bars)."""
         results: list[Rollout | RolloutError | None] = [None] * len(requests)
         items = []
         for i, req in enumerate(requests):
@@ -88,7 +92,7 @@ class TorchRolloutEngine:
             for s in range(0, len(group), self.max_batch):
                 chunk = group[s: s + self.max_batch]
                 t0 = time.perf_counter()
-                for it, out in zip(chunk, self._generate_batch(chunk)):
+                for it, out in zip(chunk, self._generate_batch(chunk, on_step)):
                     results[it.index] = out
                 self._seconds += time.perf_counter() - t0
         return results  # type: ignore[return-value]
@@ -141,7 +145,7 @@ class TorchRolloutEngine:
         return texts, owners
 
     @torch.inference_mode()
-    def _generate_batch(self, items: list[_Item]) -> list[Rollout]:
+    def _generate_batch(self, items: list[_Item], on_step: Callable[[int, int], None] | None = None) -> list[Rollout]:
         pol = self.policy
         if self.fuse:
             fuse_projections(pol)  # re-fuses only if a .to() replaced the weights since
@@ -166,6 +170,8 @@ class TorchRolloutEngine:
             now = time.perf_counter()
             self.last_step_seconds.append(now - t_step)
             t_step = now
+            if on_step is not None:
+                on_step(i + 1, run.n)
         _sync(pol.device)
         self.last_decode_seconds = time.perf_counter() - t1 - self.last_capture_seconds
         self._tokens += run.n * len(items)
