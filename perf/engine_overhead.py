@@ -6,7 +6,8 @@ Variants, same weights and requests (bench config, N = 256, batch 8, fp32), inte
 - baseline: the engine file at --baseline-rev (masks, positions and uniforms built per step, unfused projections);
 - unfused: today's engine with fuse=False (per-batch tables and masks, chunked uniforms, grouped decode attention);
 - fused: today's default (q/k/v and gate/up as one matmul each);
-- static: static_shapes=True (what the CUDA graph captures; on CPU it attends over the whole buffer).
+- static: static_shapes=True (what the CUDA graph captures; on CPU it attends over the whole buffer);
+- compiled: fused + compile=True (Inductor fuses each layer's elementwise work; compiles for a minute or more).
 Operator counts come from torch.profiler (deterministic, unlike times on a shared machine). Last line: one JSON object.
 """
 from __future__ import annotations
@@ -63,7 +64,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     make = {"unfused": lambda p: TorchRolloutEngine(p, max_batch=a.batch, fuse=False),
             "fused": lambda p: TorchRolloutEngine(p, max_batch=a.batch),
-            "static": lambda p: TorchRolloutEngine(p, max_batch=a.batch, static_shapes=True)}
+            "static": lambda p: TorchRolloutEngine(p, max_batch=a.batch, static_shapes=True),
+            "compiled": lambda p: TorchRolloutEngine(p, max_batch=a.batch, compile=True)}
     if a.baseline_rev:
         old = _baseline_engine(a.baseline_rev)
         make = {"baseline": lambda p: old(p, max_batch=a.batch), **make}
