@@ -13,7 +13,7 @@ from torch import nn
 
 from .configuration import TextConfig
 
-ATTN_IMPLS = ("sdpa", "eager")
+ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2")
 
 
 class RMSNorm(nn.Module):
@@ -101,7 +101,13 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
 
-    def write(self, i: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def write(self, i: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if isinstance(start, torch.Tensor):
+            # Static shapes (CUDA graph capture): write one position at a device index, no host sync, and attend
+            # over the whole buffer; the caller's mask hides the positions not yet written.
+            self.k[i].index_copy_(2, start, k)
+            self.v[i].index_copy_(2, start, v)
+            return self.k[i], self.v[i]
         end = start + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache overflow: need {end} positions, allocated {self.max_len}")
@@ -131,7 +137,12 @@ def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Qwen3 attention: per-head q/k RMSNorm, M-RoPE, grouped-query attention."""
+    """Qwen3 attention: per-head q/k RMSNorm, M-RoPE, grouped-query attention.
+
+    ``mask=None`` means "no padding": causal inside the new block, the whole cached prefix visible. That is the form
+    in which SDPA may pick its flash kernel (and flash-attn needs no unpadding); with left padding the caller passes
+    the explicit boolean mask.
+    """
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -144,24 +155,140 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.impl = "sdpa"
+        self.qkv: FusedLinear | None = None  # set by fuse_projections (inference engines)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
-        """x [B, T, H]; cos/sin [B, T, hd]; mask [B, 1, T, S] bool with S = start + T (cache) or T."""
+        """x [B, T, H]; cos/sin [B, T, hd]; mask [B, 1, T, S] bool with S = start + T (cache) or T, or None."""
+        q, k, v = self.project(x, cos, sin)
+        return self.o_proj(self.attend(q, k, v, mask, cache, layer, start))
+
+    def project(self, x, cos, sin):
+        """x [B, T, H] -> q [B, nh, T, hd], k/v [B, nkv, T, hd]: projections, q/k norm, rotary (no cache access,
+        so the elementwise work can be fused by ``compile_decoder_layers``)."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.qkv is not None and not torch.is_grad_enabled():  # fused weights are buffers: inference only
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(b, t, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.view(b, t, -1, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def attend(self, q, k, v, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        """Write k/v to the cache (if any), attend; returns [B, T, nh * hd] before o_proj."""
+        b, _, t, _ = q.shape
         if cache is not None:
             k, v = cache.write(layer, start, k, v)
-        if self.impl == "sdpa":  # grouped-query attention without copying the (growing) K/V cache per head
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+        if self.impl == "flash_attention_2":
+            out = flash_attention(q, k, v, mask)
+        elif self.impl == "sdpa":
+            out = self._sdpa(q, k, v, mask)
         else:
             rep = self.n_heads // self.n_kv
+            if mask is None:
+                mask = causal_mask(t, k.shape[2], q.device)
             out = _eager_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+    def _sdpa(self, q, k, v, mask):
+        """SDPA without copying the K/V cache per head. One query (a decode step): the query heads that share a KV
+        head become that head's query rows (the mask only selects keys), so no GQA support is needed and every SDPA
+        kernel, flash included, qualifies. Longer blocks: SDPA's own GQA, causal flag when unpadded."""
+        b, nh, t, hd = q.shape
+        if t == 1:
+            q = q.view(b, self.n_kv, nh // self.n_kv, hd)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(b, nh, 1, hd)
+        if mask is None and k.shape[2] != t:
+            mask = causal_mask(t, k.shape[2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=self.n_heads != self.n_kv)
+
+
+def causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    """[1, 1, q_len, k_len] bool: the queries are the last q_len of k_len positions (bottom-right aligned)."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    return (torch.arange(k_len, device=device)[None, :] <= q_pos)[None, None]
+
+
+def flash_attention(q, k, v, mask):
+    """flash-attn 2 (the reference's ``--attn flash_attention_2``): q [B, nh, T, hd], k/v [B, nkv, S, hd].
+
+    Without padding: ``flash_attn_func`` (its causal mask is bottom-right aligned, as a KV-cached step needs). With
+    left padding: the variable-length kernel over the unpadded rows; padded query positions get zeros.
+    """
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError as e:
+        raise ImportError("attn_impl='flash_attention_2' needs the flash-attn package (pip install "
+                          "'uniar-ray[gpu]' on a CUDA machine); use attn_impl='sdpa' otherwise") from e
+    b, _, t, _ = q.shape
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # flash-attn layout [B, S, heads, hd]
+    if mask is None:
+        return flash_attn_func(q, k, v, causal=t > 1).transpose(1, 2)
+    key_valid = mask[:, 0, -1, :]  # the last query sees every valid key (left padding, causal)
+    q_valid = key_valid[:, -t:]
+    cu_q, max_q = _cu_seqlens(q_valid)
+    cu_k, max_k = _cu_seqlens(key_valid)
+    out_unpadded = flash_attn_varlen_func(q[q_valid], k[key_valid], v[key_valid], cu_q, cu_k, max_q, max_k,
+                                          causal=True)
+    out = q.new_zeros(q.shape)
+    out[q_valid] = out_unpadded
+    return out.transpose(1, 2)
+
+
+def _cu_seqlens(valid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    lens = valid.sum(1, dtype=torch.int32)
+    return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)), int(lens.max())
+
+
+class FusedLinear(nn.Module):
+    """Several bias-free or biased Linears over the same input as one matmul (fewer, larger kernels per step).
+
+    The original weights become views into the fused tensor, so ``state_dict`` names, ``update_weights`` (in-place
+    copies) and loading keep working; only a later ``.to(dtype/device)`` would break the sharing, so fuse after
+    placing the model.
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.sizes = [lin.out_features for lin in linears]
+        self._linears = tuple(linears)  # a tuple, not a ModuleList: they stay registered under their own names
+        self._fuse()
+
+    def _fuse(self) -> None:
+        linears = self._linears
+        with torch.no_grad():  # buffers, not parameters: the published names stay the only parameters
+            self.register_buffer("weight", torch.cat([lin.weight for lin in linears]), persistent=False)
+            bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+            self.register_buffer("bias", bias, persistent=False)
+        offset = 0
+        for lin, size in zip(linears, self.sizes):
+            lin.weight = nn.Parameter(self.weight.narrow(0, offset, size), requires_grad=lin.weight.requires_grad)
+            if bias is not None:
+                lin.bias = nn.Parameter(self.bias.narrow(0, offset, size), requires_grad=lin.bias.requires_grad)
+            offset += size
+
+    def refresh(self) -> None:
+        """Fuse again if a ``.to()`` replaced the weights (the fused copy must never go stale)."""
+        if self.weight.data_ptr() != self._linears[0].weight.data_ptr():
+            self._fuse()
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def fuse_projections(module: nn.Module) -> None:
+    """Fuse q/k/v and gate/up projections of every decoder layer under ``module`` (inference engines only; call
+    again after moving or casting the module: it re-fuses what a ``.to()`` replaced)."""
+    for m in module.modules():
+        if isinstance(m, Attention) and m.qkv is None:
+            m.qkv = FusedLinear([m.q_proj, m.k_proj, m.v_proj])
+        elif isinstance(m, MLP) and m.gate_up is None:
+            m.gate_up = FusedLinear([m.gate_proj, m.up_proj])
+        elif isinstance(m, FusedLinear):
+            m.refresh()
 
 
 def _eager_attention(q, k, v, mask):
@@ -177,9 +304,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: FusedLinear | None = None  # set by fuse_projections (inference engines)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and not torch.is_grad_enabled():  # fused weights are buffers: inference only
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -191,10 +323,38 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.compiled = False  # see compile_decoder_layers
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        pre, post = (_COMPILED["pre"], _COMPILED["post"]) if self.compiled else (_pre, _post)
+        q, k, v = pre(self, x, cos, sin)
+        return post(self, x, self.self_attn.attend(q, k, v, mask, cache, layer, start))
+
+
+def _pre(layer: DecoderLayer, x, cos, sin):
+    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+
+
+def _post(layer: DecoderLayer, x, attn):
+    x = x + layer.self_attn.o_proj(attn)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+_COMPILED: dict = {}
+
+
+def compile_decoder_layers(module: nn.Module) -> None:
+    """Run every decoder layer's elementwise work (RMSNorms, rotary, residuals, SiLU) as Inductor-fused kernels
+    around the matmuls; the cache write and attention stay eager. One compilation serves every layer and shape
+    (parameters are graph inputs; dynamic shapes). On GPU this cuts a decode step's ~50 small kernels per layer
+    to about a dozen, which is what a CUDA-graphed step is then bound by. Inference only; same math, though fused
+    bf16 rounding may differ from eager in the last bit."""
+    if not _COMPILED:
+        _COMPILED["pre"] = torch.compile(_pre, dynamic=True)
+        _COMPILED["post"] = torch.compile(_post, dynamic=True)
+    for m in module.modules():
+        if isinstance(m, DecoderLayer):
+            m.compiled = True
 
 
 class TextModel(nn.Module):
@@ -212,7 +372,7 @@ class TextModel(nn.Module):
         embeds: torch.Tensor,  # [B, T, H]
         positions: torch.Tensor,  # [3, B, T]
         mask: torch.Tensor,  # [B, 1, T, S]
-        visual_mask: torch.Tensor | None = None,  # [B, T] bool, positions that receive deepstack features
+        visual_mask: torch.Tensor | None = None,  # [B, T] bool, positions that get deepstack; None: all
         deepstack: list[torch.Tensor] | None = None,  # each [n_visual, H], rows in (batch, position) order
         cache: KVCache | None = None,
         start: int = 0,
@@ -224,7 +384,9 @@ class TextModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, i, start)
             if deepstack is not None and i < len(deepstack):
-                h = add_at_mask(h, visual_mask, deepstack[i])
+                # visual_mask None: every position is an image position (a decode step), rows [B * T, H]
+                h = h + deepstack[i].view(h.shape).to(h.dtype) if visual_mask is None else \
+                    add_at_mask(h, visual_mask, deepstack[i])
         return self.norm(h) if final_norm else h
 
 

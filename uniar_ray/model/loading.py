@@ -104,4 +104,10 @@ def _rebuild_nonpersistent(module: nn.Module, device) -> None:
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+    save_file({k: _own_storage(v.detach()).cpu() for k, v in state.items()}, str(path), metadata={"format": "pt"})
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """safetensors refuses tensors that share storage (fused projections make q/k/v views of one buffer)."""
+    shares = t.untyped_storage().nbytes() != t.numel() * t.element_size()
+    return t.clone() if shares else t.contiguous()

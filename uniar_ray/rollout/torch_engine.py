@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from itertools import groupby
+from typing import Callable
 
 import torch
 
 from uniar_ray.model import UniARPolicy, generation_text, tokenize
-from uniar_ray.model.layers import KVCache, attention_mask
+from uniar_ray.model.layers import KVCache, attention_mask, compile_decoder_layers, fuse_projections
 from uniar_ray.model.positions import image_grid, rope_positions
 from uniar_ray.model.prompts import check_ar_size
-from uniar_ray.sampling import bit_logprobs_t, draw_uniforms, guided_logits, make_generators, sample_bits
+from uniar_ray.sampling import bit_logprobs_t, guided_logits, make_generators, sample_bits
 
 from .images import decode_image, image_to_patches
 from .types import GenerationRequest, Rollout, RolloutError
@@ -35,22 +36,48 @@ class _Item:
 
 
 class TorchRolloutEngine:
-    def __init__(self, policy: UniARPolicy, max_batch: int = 16, recompute_visual_stack: bool = False):
+    def __init__(self, policy: UniARPolicy, max_batch: int = 16, recompute_visual_stack: bool = False,
+                 fuse: bool = True, static_shapes: bool = False, cuda_graph: bool = False, compile: bool = False):
         """recompute_visual_stack=True runs the reference's algorithm (the visual stack over the whole sequence at
-        every step, no cache); only benchmarks and tests use it, as the baseline the cache is measured against."""
+        every step, no cache); only benchmarks and tests use it, as the baseline the cache is measured against.
+
+        fuse: q/k/v and gate/up projections as one matmul each (``fuse_projections``: same numbers, fewer kernels).
+        static_shapes: every step attends over the whole preallocated cache under a mask and writes at a device
+        index, so a step has fixed shapes and no host sync. cuda_graph: record that step in a CUDA graph and replay
+        it (per-step launch overhead gone; implies static_shapes; CUDA only). compile: fuse each decoder layer's
+        elementwise work with torch.compile (``compile_decoder_layers``; minutes of compilation once per process).
+        """
         if policy.tokenizer is None:
             raise ValueError("the policy has no tokenizer: load it from a checkpoint folder with tokenizer files")
+        if cuda_graph and policy.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the policy on a CUDA device (it is on {policy.device}); "
+                             "use cuda_graph=False on CPU")
+        if recompute_visual_stack and (static_shapes or cuda_graph):
+            raise ValueError("recompute_visual_stack is the uncached reference baseline: it has no static form")
         self.policy = policy.eval()
+        self.fuse = fuse
+        if fuse:
+            fuse_projections(self.policy)
+        if compile:
+            compile_decoder_layers(self.policy)
         self.max_batch = max_batch
         self.recompute_visual_stack = recompute_visual_stack
+        self.static_shapes = static_shapes or cuda_graph
+        self.cuda_graph = cuda_graph
         self._tokens = 0
         self._seconds = 0.0
         self._images = 0
-        self.last_step_seconds: list[float] = []  # per-step wall time of the last batch (benchmarks read it)
+        # Timings of the last batch (benchmarks read them): per-step wall times (device times only with cuda_graph,
+        # which syncs each step), prefill, graph capture, and all decode steps (synced at the end).
+        self.last_step_seconds: list[float] = []
+        self.last_prefill_seconds = self.last_capture_seconds = self.last_decode_seconds = 0.0
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Rollout | RolloutError]:
+    def generate(self, requests: list[GenerationRequest],
+                 on_step: Callable[[int, int], None] | None = None) -> list[Rollout | RolloutError]:
+        """One result per request, in order. ``on_step(i, n)`` is called after AR step i of n of each batch (progress
+        bars)."""
         results: list[Rollout | RolloutError | None] = [None] * len(requests)
         items = []
         for i, req in enumerate(requests):
@@ -65,7 +92,7 @@ class TorchRolloutEngine:
             for s in range(0, len(group), self.max_batch):
                 chunk = group[s: s + self.max_batch]
                 t0 = time.perf_counter()
-                for it, out in zip(chunk, self._generate_batch(chunk)):
+                for it, out in zip(chunk, self._generate_batch(chunk, on_step)):
                     results[it.index] = out
                 self._seconds += time.perf_counter() - t0
         return results  # type: ignore[return-value]
@@ -79,7 +106,7 @@ class TorchRolloutEngine:
             for k, v in state_dict.items():
                 if params[k].shape != v.shape:
                     raise ValueError(f"update_weights: {k} has shape {tuple(v.shape)}, expected {tuple(params[k].shape)}")
-                params[k].copy_(v)
+                params[k].copy_(v)  # in place: fused projections read the same storage
 
     def stats(self) -> dict[str, float]:
         return {"tokens": self._tokens, "images": self._images, "seconds": self._seconds,
@@ -118,88 +145,38 @@ class TorchRolloutEngine:
         return texts, owners
 
     @torch.inference_mode()
-    def _generate_batch(self, items: list[_Item]) -> list[Rollout]:
-        pol, cfg = self.policy, self.policy.config
-        dev, (L, U, D) = pol.device, pol.bits_shape
-        h_px, w_px = items[0].req.ar_height, items[0].req.ar_width
-        n = (h_px // 32) * (w_px // 32)
+    def _generate_batch(self, items: list[_Item], on_step: Callable[[int, int], None] | None = None) -> list[Rollout]:
+        pol = self.policy
+        if self.fuse:
+            fuse_projections(pol)  # re-fuses only if a .to() replaced the weights since
         texts, owners = self._row_texts(items)
-        tp = tokenize(pol.tokenizer, texts, dev)
-        rows, p = tp.input_ids.shape
-        positions = self._positions(items, owners, tp, h_px, w_px)
-        key_valid = torch.cat([tp.attention_mask.bool(), torch.ones(rows, n, dtype=torch.bool, device=dev)], 1)
-        lm, tc = pol.model.language_model, cfg.text_config
-        bb = KVCache(tc.num_hidden_layers, rows, tc.num_key_value_heads, p + n, tc.head_dim, pol.dtype, dev)
-        vc = KVCache(len(pol.visual_decoder), rows, tc.num_key_value_heads, p + n, tc.head_dim, pol.dtype, dev)
-
-        # Step 0: prefill the prefix through both stacks.
-        embeds, vmask, deep = self._prefix_embeds(items, owners, tp.input_ids)
-        mask = attention_mask(key_valid[:, :p], p)
-        h = lm(embeds, positions[:, :, :p], mask, visual_mask=vmask, deepstack=deep, cache=bb, start=0)
-        cos, sin = lm.rotary_emb(positions[:, :, :p], h.dtype)
-        last = pol.visual_stack(h, cos, sin, mask, cache=vc, start=0)[:, -1]
-        history = [h]  # backbone states, kept only for the no-cache baseline
-
-        gens = make_generators([it.req.seed for it in items])
-        temps = torch.tensor([it.req.temperature for it in items], device=dev)
-        scales = torch.tensor([it.req.cfg_scale for it in items], device=dev)
-        cfg_rows = [k for k, it in enumerate(items) if it.uses_cfg]
-        shared = [it.req.cfg_mode == "shared" for it in items]
-        out_bits = torch.empty(len(items), n, L, U, D, dtype=torch.uint8, device=dev)
-        out_lp = torch.empty(len(items), n, L, U, D, dtype=torch.float32, device=dev)
-        ones = torch.ones(rows, 1, dtype=torch.bool, device=dev)
+        tp = tokenize(pol.tokenizer, texts, pol.device)
+        t0 = time.perf_counter()
+        run = _Run(self, items, owners, tp, items[0].req.ar_height, items[0].req.ar_width)
+        run.prefill(self._prefix_embeds(items, owners, tp.input_ids))
+        _sync(pol.device)
+        t1 = time.perf_counter()
+        step = run.capture() if self.cuda_graph else run.step
+        _sync(pol.device)
+        self.last_prefill_seconds, self.last_capture_seconds = t1 - t0, time.perf_counter() - t1
         self.last_step_seconds = []
         t_step = time.perf_counter()
-        for i in range(n):
-            logits = pol.head_logits(last).float()  # [rows, L, U, D, 2]
-            cond = logits[: len(items)].clone()
-            if cfg_rows:
-                idx = torch.tensor(cfg_rows, device=dev)
-                cond[idx] = guided_logits(cond[idx], logits[len(items):], scales[idx])
-            lp = bit_logprobs_t(cond, temps)
-            bits, blp = sample_bits(lp, draw_uniforms(gens, (L, U, D), dev))
-            out_bits[:, i], out_lp[:, i] = bits, blp
+        for i in range(run.n):
+            run.load_uniforms(i)
+            step(i)
+            run.out_bits[:, i], run.out_lp[:, i] = run.bits, run.blp
+            if self.cuda_graph:
+                torch.cuda.synchronize()  # per-step times must be device times (benchmarks read them)
             now = time.perf_counter()
             self.last_step_seconds.append(now - t_step)
             t_step = now
-            if i == n - 1:
-                break  # the last token's features are never used
-            row_bits = self._uncond_bits(bits, lp, cfg_rows, shared, gens, dev)
-            main, ds = pol.model.visual.bits_to_features(row_bits)
-            t = p + i
-            mask = attention_mask(key_valid[:, : t + 1], 1)
-            rope = lm.rotary_emb(positions[:, :, t: t + 1], pol.dtype)  # shared by both stacks
-            h = lm(main[:, None].to(pol.dtype), positions[:, :, t: t + 1], mask, visual_mask=ones, deepstack=ds,
-                   cache=bb, start=t, rope=rope)
-            if self.recompute_visual_stack:
-                history.append(h)
-                last = self._recompute_last(history, positions[:, :, : t + 1], key_valid[:, : t + 1])
-            else:
-                last = pol.visual_stack(h, *rope, mask, cache=vc, start=t)[:, -1]
-        self._tokens += n * len(items)
+            if on_step is not None:
+                on_step(i + 1, run.n)
+        _sync(pol.device)
+        self.last_decode_seconds = time.perf_counter() - t1 - self.last_capture_seconds
+        self._tokens += run.n * len(items)
         self._images += len(items)
-        return [self._record(it, tp, k, out_bits[k], out_lp[k]) for k, it in enumerate(items)]
-
-    def _recompute_last(self, history, positions, key_valid):
-        """The reference's step: the visual stack over every position so far, output at the last one."""
-        pol = self.policy
-        h = torch.cat(history, dim=1)
-        cos, sin = pol.model.language_model.rotary_emb(positions, h.dtype)
-        return pol.visual_stack(h, cos, sin, attention_mask(key_valid, key_valid.shape[1]))[:, -1]
-
-    def _uncond_bits(self, bits, lp, cfg_rows, shared, gens, dev):
-        """Bits fed back into each row: cond rows get their own bits; an uncond row gets its item's bits (shared)
-        or an independent draw from the same guided distribution (reference, as the published code does)."""
-        if not cfg_rows:
-            return bits
-        extra = []
-        for k in cfg_rows:
-            if shared[k]:
-                extra.append(bits[k])
-            else:
-                u = torch.rand(lp.shape[1:-1], generator=gens[k]).to(dev)
-                extra.append(sample_bits(lp[k], u)[0])
-        return torch.cat([bits, torch.stack(extra)])
+        return [self._record(it, tp, k, run.out_bits[k], run.out_lp[k]) for k, it in enumerate(items)]
 
     def _positions(self, items, owners, tp, h_px, w_px):
         pol = self.policy
@@ -244,3 +221,161 @@ class TorchRolloutEngine:
                                  ar_height=r.ar_height, ar_width=r.ar_width,
                                  logprobs=lp.cpu().numpy() if r.return_logprobs else None,
                                  seed=r.seed, temperature=r.temperature, cfg_scale=r.cfg_scale)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Run:
+    """One batch in flight: its KV caches, positions, rotary tables, masks, random streams and outputs.
+
+    Everything a decode step needs is built here once per batch, so a step does no host work and no host sync.
+    With ``static_shapes`` a step also has fixed shapes (the position is a device tensor), which is what lets
+    ``capture`` record it in a CUDA graph.
+    """
+
+    CHUNK = 32  # decode steps of uniforms drawn per host call (one upload per chunk, not one per step)
+
+    def __init__(self, engine: "TorchRolloutEngine", items, owners, tp, h_px: int, w_px: int):
+        pol, cfg = engine.policy, engine.policy.config
+        self.engine, self.pol, self.items = engine, pol, items
+        dev, (L, U, D) = pol.device, pol.bits_shape
+        self.n = (h_px // 32) * (w_px // 32)
+        rows, self.p = tp.input_ids.shape
+        b, n, p = len(items), self.n, self.p
+        self.positions = engine._positions(items, owners, tp, h_px, w_px)  # [3, rows, p + n]
+        lm, tc = pol.model.language_model, cfg.text_config
+        self.cos, self.sin = lm.rotary_emb(self.positions, pol.dtype)  # [rows, p + n, hd], once per batch
+        self.key_valid = torch.cat([tp.attention_mask.bool(), torch.ones(rows, n, dtype=torch.bool, device=dev)], 1)
+        # No padding (all prompts the same length): no mask at all, so SDPA/flash-attn run their unmasked kernels.
+        self.padded = not bool(tp.attention_mask.bool().all())
+        self.static = engine.static_shapes
+        kv = (rows, tc.num_key_value_heads, p + n, tc.head_dim, pol.dtype, dev)
+        self.bb, self.vc = KVCache(tc.num_hidden_layers, *kv), KVCache(len(pol.visual_decoder), *kv)
+        # Per sample and step: the cond uniforms, then (reference-mode CFG) the uncond row's own draw, all from the
+        # sample's generator in that order: the same stream as drawing step by step, whatever the chunking.
+        self.gens = make_generators([it.req.seed for it in items])
+        self.draws = [2 if it.uses_cfg and it.req.cfg_mode == "reference" else 1 for it in items]
+        self.temps = torch.tensor([it.req.temperature for it in items], device=dev)
+        cfg_rows = [k for k, it in enumerate(items) if it.uses_cfg]
+        self.cfg_rows = torch.tensor(cfg_rows, dtype=torch.long, device=dev)
+        self.scales = torch.tensor([items[k].req.cfg_scale for k in cfg_rows], device=dev)
+        own = [items[k].req.cfg_mode == "reference" for k in cfg_rows]
+        self.uncond_own = torch.tensor(own, dtype=torch.bool, device=dev).view(-1, 1, 1, 1)
+        self.u = torch.zeros(b, 2, L, U, D, device=dev)  # this step's uniforms (a static buffer)
+        self.out_bits = torch.empty(b, n, L, U, D, dtype=torch.uint8, device=dev)
+        self.out_lp = torch.empty(b, n, L, U, D, dtype=torch.float32, device=dev)
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)  # static shapes: the position being written
+        self.k_pos = torch.arange(p + n, device=dev)
+        self.history: list[torch.Tensor] = []  # backbone states, kept only for the no-cache baseline
+
+    def prefill(self, prefix) -> None:
+        """The prompt through both stacks; ``last`` = the visual stack's state at <|vision_start|>."""
+        embeds, vmask, deep = prefix
+        p, pol, lm = self.p, self.pol, self.pol.model.language_model
+        mask = attention_mask(self.key_valid[:, :p], p) if self.padded else None
+        cos, sin = self.cos[:, :p], self.sin[:, :p]
+        h = lm(embeds, self.positions[:, :, :p], mask, visual_mask=vmask, deepstack=deep, cache=self.bb, start=0,
+               rope=(cos, sin))
+        self.history.append(h)
+        self.last = pol.visual_stack(h, cos, sin, mask, cache=self.vc, start=0)[:, -1]
+
+    def load_uniforms(self, i: int) -> None:
+        if i % self.CHUNK == 0:
+            k = min(self.CHUNK, self.n - i)
+            L, U, D = self.pol.bits_shape
+            chunk = torch.zeros(len(self.items), k, 2, L, U, D)
+            for row, (g, m) in enumerate(zip(self.gens, self.draws)):
+                chunk[row, :, :m] = torch.rand((k, m, L, U, D), generator=g)
+            self._chunk = chunk.to(self.pol.device, non_blocking=True)
+        self.u.copy_(self._chunk[:, i % self.CHUNK])
+
+    def step(self, i: int) -> None:
+        """Sample position i from ``last`` into ``bits``/``blp`` [B, L, U, D]; then, unless it is the last
+        position (whose features are never used), feed the bits through both stacks to get the next ``last``."""
+        self.sample()
+        if i < self.n - 1:
+            if self.static:
+                self.t.fill_(self.p + i)
+            self.advance(self.p + i)
+
+    def sample(self) -> None:
+        b = len(self.items)
+        logits = self.pol.head_logits(self.last).float()  # [rows, L, U, D, 2]
+        cond = logits[:b]
+        if len(self.cfg_rows):
+            cond = cond.index_copy(0, self.cfg_rows, guided_logits(cond[self.cfg_rows], logits[b:], self.scales))
+        lp = bit_logprobs_t(cond, self.temps)
+        self.bits, self.blp = sample_bits(lp, self.u[:, 0])
+        self.row_bits = self.bits
+        if len(self.cfg_rows):
+            # An uncond row feeds back its item's bits (shared) or an independent draw from the same guided
+            # distribution (reference, as the published code does).
+            own = sample_bits(lp[self.cfg_rows], self.u[self.cfg_rows, 1])[0]
+            uncond = torch.where(self.uncond_own, own, self.bits[self.cfg_rows])
+            self.row_bits = torch.cat([self.bits, uncond])
+
+    def advance(self, t: int) -> None:
+        """Backbone and visual stack over position t (static shapes: the position is ``self.t``, set by the
+        caller, and every step attends over the whole buffer with positions > t masked)."""
+        pol, lm = self.pol, self.pol.model.language_model
+        main, ds = pol.model.visual.bits_to_features(self.row_bits)
+        if self.static:
+            start = self.t
+            mask = (self.key_valid & (self.k_pos <= self.t))[:, None, None]
+            cos, sin = self.cos.index_select(1, self.t), self.sin.index_select(1, self.t)
+        else:
+            start = t
+            mask = self.key_valid[:, None, None, : t + 1] if self.padded else None
+            cos, sin = self.cos[:, t: t + 1], self.sin[:, t: t + 1]
+        h = lm(main[:, None].to(pol.dtype), None, mask, visual_mask=None, deepstack=ds, cache=self.bb, start=start,
+               rope=(cos, sin))
+        if self.engine.recompute_visual_stack:
+            self.history.append(h)
+            self.last = self._recompute_last(t)
+        else:
+            self.last = pol.visual_stack(h, cos, sin, mask, cache=self.vc, start=start)[:, -1]
+
+    def _recompute_last(self, t: int) -> torch.Tensor:
+        """The reference's step: the visual stack over every position so far, output at the last one."""
+        h = torch.cat(self.history, dim=1)
+        mask = attention_mask(self.key_valid[:, : t + 1], t + 1)
+        return self.pol.visual_stack(h, self.cos[:, : t + 1], self.sin[:, : t + 1], mask)[:, -1]
+
+    def capture(self):
+        """Record sample + advance in a CUDA graph and return ``step(i)`` that replays it.
+
+        The graph reads ``last_in``, ``u`` and ``t`` and leaves ``bits``, ``blp`` and the next state in its own
+        memory. The last position only samples, eagerly.
+        """
+        self.last_in = self.last.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require; it writes
+            self.t.fill_(self.p)       # position p of the caches, which step 0 overwrites
+            for _ in range(2):
+                self.last = self.last_in
+                self.sample()
+                self.advance(self.p)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.last = self.last_in
+            self.sample()
+            self.advance(self.p)
+        last_out = self.last
+        self.last = self.last_in
+
+        def step(i: int) -> None:
+            if i == self.n - 1:
+                self.sample()
+                return
+            if self.last is not self.last_in:
+                self.last_in.copy_(self.last)
+            self.t.fill_(self.p + i)
+            graph.replay()
+            self.last = last_out
+
+        return step

@@ -1,0 +1,153 @@
+"""The torch engine's fast paths (fused projections, static-shape step, unmasked attention) give the plain path's
+bits, follow weight updates, and the attention back-ends agree; flash-attn's unpadding is checked with a stand-in."""
+from __future__ import annotations
+
+import io
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from uniar_ray.model import UniARPolicy
+from uniar_ray.model.layers import Attention, attention_mask
+from uniar_ray.model.tiny import tiny_config
+from uniar_ray.rollout import GenerationRequest, Rollout, TorchRolloutEngine
+
+
+def _png():
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _requests():
+    # mixed prompt lengths (left padding), both CFG modes, no CFG, and an edit request
+    return [GenerationRequest("a red cat", 64, 96, seed=1, cfg_scale=2.5),
+            GenerationRequest("two dogs on a wooden bench under a tree", 64, 96, seed=2, cfg_scale=2.5,
+                              cfg_mode="shared"),
+            GenerationRequest("a poster", 64, 96, seed=3),
+            GenerationRequest("make it blue", 64, 96, seed=4, cfg_scale=2.0, image=_png())]
+
+
+@pytest.fixture(scope="module")
+def policies(tiny_checkpoint):
+    return [UniARPolicy.from_pretrained(tiny_checkpoint) for _ in range(3)]
+
+
+def test_fast_paths_give_the_plain_paths_bits(policies):
+    plain = TorchRolloutEngine(policies[0], fuse=False).generate(_requests())
+    fused = TorchRolloutEngine(policies[1]).generate(_requests())
+    static = TorchRolloutEngine(policies[2], static_shapes=True).generate(_requests())
+    for a, b, c in zip(plain, fused, static):
+        assert isinstance(a, Rollout)
+        assert torch.equal(a.bits(), b.bits()) and torch.equal(a.bits(), c.bits())
+        assert np.abs(a.logprobs - b.logprobs).max() < 1e-5 and np.abs(a.logprobs - c.logprobs).max() < 1e-5
+
+
+def test_unpadded_batch_uses_no_mask_and_matches_alone(policies):
+    engine = TorchRolloutEngine(policies[1])
+    same_len = [GenerationRequest(f"prompt number {i}", 64, 64, seed=i) for i in range(3)]
+    batch = engine.generate(same_len)
+    alone = [engine.generate([r])[0] for r in [GenerationRequest(f"prompt number {i}", 64, 64, seed=i)
+                                               for i in range(3)]]
+    for a, b in zip(batch, alone):
+        assert torch.equal(a.bits(), b.bits())
+
+
+def test_fused_projections_follow_updates_saves_and_casts(tiny_checkpoint, tmp_path):
+    fused = UniARPolicy.from_pretrained(tiny_checkpoint)
+    engine = TorchRolloutEngine(fused)
+    new = {k: v * 1.3 for k, v in fused.state_dict().items() if ".self_attn." in k or ".mlp." in k}
+    engine.update_weights(new)
+    reference = UniARPolicy.from_pretrained(tiny_checkpoint)
+    reference.load_state_dict({**reference.state_dict(), **new})
+    req = lambda: [GenerationRequest("a red cat", 64, 64, seed=9)]  # noqa: E731
+    got = engine.generate(req())[0]
+    want = TorchRolloutEngine(reference, fuse=False).generate(req())[0]
+    assert np.abs(got.logprobs - want.logprobs).max() < 1e-5
+    fused.save_pretrained(tmp_path / "saved")  # views into one fused buffer must still save
+    assert torch.equal(UniARPolicy.from_pretrained(tmp_path / "saved").state_dict()["lm_head.weight"],
+                       fused.state_dict()["lm_head.weight"])
+    fused.to(torch.bfloat16)  # the cast replaces the weights: the fused copy must follow, never go stale
+    reference.to(torch.bfloat16)
+    got = engine.generate(req())[0]
+    want = TorchRolloutEngine(reference, fuse=False).generate(req())[0]
+    assert np.abs(got.logprobs - want.logprobs).max() < 1e-6
+
+
+def test_cuda_graph_needs_cuda(policies):
+    with pytest.raises(ValueError, match="CUDA"):
+        TorchRolloutEngine(policies[0], cuda_graph=True)
+
+
+def _attn(impl):
+    torch.manual_seed(0)
+    layer = Attention(tiny_config(num_attention_heads=4, num_key_value_heads=2).text_config)
+    layer.impl = impl
+    return layer
+
+
+@pytest.mark.parametrize("t,start", [(1, 9), (10, 0), (3, 7)])
+def test_sdpa_without_mask_equals_explicit_mask_and_eager(t, start):
+    sdpa, eager = _attn("sdpa"), _attn("eager")
+    x = torch.randn(2, t, sdpa.q_proj.in_features)
+    cos, sin = torch.ones(2, t, sdpa.head_dim), torch.zeros(2, t, sdpa.head_dim)
+    from uniar_ray.model.layers import KVCache
+    outs = []
+    for layer, mask in ((sdpa, None), (sdpa, "explicit"), (eager, None)):
+        cache = KVCache(1, 2, layer.n_kv, start + t, layer.head_dim, torch.float32, "cpu")
+        torch.manual_seed(1)
+        cache.k[0].normal_(), cache.v[0].normal_()
+        m = attention_mask(torch.ones(2, start + t, dtype=torch.bool), t) if mask else None
+        with torch.no_grad():
+            outs.append(layer(x, cos, sin, m, cache, 0, start))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) and torch.allclose(outs[0], outs[2], atol=1e-5)
+
+
+def test_flash_attention_unpads_left_padding(monkeypatch):
+    """flash-attn is GPU-only; a stand-in with its signatures (per-sequence SDPA, bottom-right causal) checks our
+    unpadding: the padded rows' valid positions equal the eager result on the same mask."""
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        out = []
+        for i in range(len(cu_q) - 1):
+            qi, ki, vi = (x.transpose(0, 1)[None] for x in (q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]],
+                                                               v[cu_k[i]:cu_k[i + 1]]))
+            rep = qi.shape[1] // ki.shape[1]
+            ki, vi = ki.repeat_interleave(rep, 1), vi.repeat_interleave(rep, 1)
+            m = torch.ones(qi.shape[2], ki.shape[2], dtype=torch.bool).tril(ki.shape[2] - qi.shape[2])
+            out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=m)[0].transpose(0, 1))
+        return torch.cat(out)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen,
+                                                                         flash_attn_func=None))
+    flash, eager = _attn("flash_attention_2"), _attn("eager")
+    x = torch.randn(2, 6, flash.q_proj.in_features)
+    cos, sin = torch.ones(2, 6, flash.head_dim), torch.zeros(2, 6, flash.head_dim)
+    valid = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    mask = attention_mask(valid, 6)
+    with torch.no_grad():
+        a, b = flash(x, cos, sin, mask), eager(x, cos, sin, mask)
+    assert torch.allclose(a[0, 2:], b[0, 2:], atol=1e-5) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+def test_flash_attention_missing_says_what_to_use(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    layer = _attn("flash_attention_2")
+    x = torch.randn(1, 2, layer.q_proj.in_features)
+    with pytest.raises(ImportError, match="attn_impl='sdpa'"), torch.no_grad():
+        layer(x, torch.ones(1, 2, layer.head_dim), torch.zeros(1, 2, layer.head_dim), None)
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_bits(tiny_checkpoint):
+    """compile=True (Inductor-fused elementwise work around the matmuls) is the same math: fp32 bits unchanged."""
+    reqs = lambda: [GenerationRequest("a red cat", 64, 64, seed=1, cfg_scale=2.5),  # noqa: E731
+                    GenerationRequest("two dogs on a bench", 64, 64, seed=2)]
+    eager = TorchRolloutEngine(UniARPolicy.from_pretrained(tiny_checkpoint)).generate(reqs())
+    compiled = TorchRolloutEngine(UniARPolicy.from_pretrained(tiny_checkpoint), compile=True).generate(reqs())
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a.bits(), b.bits()) and np.abs(a.logprobs - b.logprobs).max() < 1e-4
