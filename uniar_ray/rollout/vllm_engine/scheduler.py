@@ -27,6 +27,10 @@ class UniARScheduler(Scheduler):
        so it is neither scheduled nor chosen as a preemption victim.
     3. Preempted together: when only such held rows are running and their partners wait for KV space, the held
        rows are preempted too, so the partner can be admitted (otherwise nothing could ever run).
+    4. Aborted together: aborting one row aborts its partner (alone it would wait forever).
+
+    A row can still end one step before its partner (when it drew its last logits alone); the runner then draws the
+    sample's last bits when the partner's logits arrive and emits the payload on the partner.
     """
 
     def __init__(self, *args, **kwargs):
@@ -54,6 +58,10 @@ class UniARScheduler(Scheduler):
         for key, r in list(self._arrived.items()):
             if ids is None or r.request_id in ids:
                 del self._arrived[key]
+        if ids is not None:  # a row alone can never complete its sample: abort its partner with it
+            partners = {b.request_id for c, u in self._pairs.values() for a, b in ((c, u), (u, c))
+                        if a.request_id in ids and not b.is_finished()}
+            request_ids = sorted(ids | partners)
         return super().finish_requests(request_ids, finished_status)
 
     def schedule(self, *args, **kwargs):
