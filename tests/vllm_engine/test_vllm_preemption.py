@@ -45,6 +45,8 @@ def test_preemption_replays_the_same_bits(tiny_checkpoint):
     finally:
         engine.close()
     assert counters["replayed_image_tokens"] > 0  # a preemption did happen
+    assert counters["replayed_cfg_image_tokens"] > 0  # ... to a row of a CFG sample
+    assert counters["partner_waits"] > 0  # a row's logits waited for its partner's (unequal prompt lengths)
     assert counters["live_requests"] == 0 and counters["live_samples"] == 0  # no sampler state left behind
     ref = TorchRolloutEngine(UniARPolicy.from_pretrained(tiny_checkpoint)).generate(_requests())
     for a, b in zip(out, ref):

@@ -1,7 +1,7 @@
 """``VLLMRolloutEngine``: the ``RolloutEngine`` protocol on vLLM (paged KV for both stacks, continuous batching).
 
     engine = VLLMRolloutEngine("/ckpt")            # a published checkpoint root or ar_model folder
-    engine.generate([GenerationRequest("a cat", 512, 512, seed=1)])   # -> Rollout | RolloutError per request
+    engine.generate([GenerationRequest("a cat", 512, 512, seed=1, cfg_scale=2.5)])   # -> Rollout | RolloutError
 Create it under ``if __name__ == "__main__":`` in scripts (vLLM spawns its workers); inside a Ray actor it just works.
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ VLLM_VERSION = "0.32.0"  # the runner overrides private V1 hooks of exactly this
 class VLLMRolloutEngine:
     def __init__(self, checkpoint: str | Path, max_batch: int = 16, kvcache_gib: float = 1.0,
                  max_model_len: int = 0, max_num_batched_tokens: int = 0, workdir: str | Path | None = None):
-        """max_batch: vLLM's max_num_seqs (requests decoded together); kvcache_gib: paged KV for both stacks;
-        max_model_len: prompt + image tokens (0: 256 + the tokens of a 1024x1024 image)."""
+        """max_batch: vLLM's max_num_seqs (rows decoded together; a CFG sample is two rows); kvcache_gib: paged KV
+        for both stacks; max_model_len: prompt + image tokens (0: 256 + the tokens of a 1024x1024 image)."""
         import vllm
 
         check_platform(vllm.__version__)

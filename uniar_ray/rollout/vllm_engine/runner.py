@@ -82,6 +82,7 @@ class UniARCPUModelRunner(CPUModelRunner):
         self.uniar: dict[str, _Row] = {}  # vLLM request id -> row
         self.uniar_samples: dict[str, _Sample] = {}  # sample key -> sample (outlives a row that ends first)
         self.uniar_replayed = 0  # image tokens re-prefilled after a preemption (their bits read back from state)
+        self.uniar_replayed_cfg = 0  # of which in rows of CFG samples
         self.uniar_waits = 0  # rows that produced logits before their partner (held back by the scheduler)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -166,6 +167,7 @@ class UniARCPUModelRunner(CPUModelRunner):
                                        f"were sampled (its CFG partner is behind; the UniAR scheduler holds it)")
                 if count > 1:  # only a recompute schedules several image positions of one request at once
                     self.uniar_replayed += len(m)
+                    self.uniar_replayed_cfg += len(m) if len(row.sample.roles) > 1 else 0
                 index.append(torch.arange(offset + first - start, offset + count))
                 bits.append(row.sample.bits[row.role][m])
             if row.sample.edit is not None:

@@ -18,7 +18,7 @@ def _uniar(request: Request) -> dict | None:
 
 
 class UniARScheduler(Scheduler):
-    """Three rules on top of vLLM's scheduler (everything else is stock):
+    """Four rules on top of vLLM's scheduler (everything else is stock):
 
     1. Admission together: a CFG row is held back until its partner arrives, then both enter the waiting queue
        side by side (``LLM.enqueue`` adds requests one at a time, so a step could otherwise start with one).
@@ -83,9 +83,9 @@ class UniARScheduler(Scheduler):
         finally:
             self.max_num_running_reqs, self.max_num_active_reqs = limits
             # Back in their places: vLLM's own order (and so its choice of preemption victims) is unchanged.
-            now = set(self.running)
+            now, before = set(self.running), set(running)
             self.running = [r for r in running if r in ahead or r in now] + [r for r in self.running
-                                                                               if r not in set(running)]
+                                                                               if r not in before]
             for r in reversed(waiting):
                 self.waiting.prepend_request(r)
 

@@ -35,4 +35,5 @@ class UniARCPUWorker(CPUWorker):
         logits before their CFG partner (tests, monitoring)."""
         r = self.model_runner
         return {"live_requests": len(r.uniar), "live_samples": len(r.uniar_samples),
-                "replayed_image_tokens": r.uniar_replayed, "partner_waits": r.uniar_waits}
+                "replayed_image_tokens": r.uniar_replayed, "replayed_cfg_image_tokens": r.uniar_replayed_cfg,
+                "partner_waits": r.uniar_waits}
