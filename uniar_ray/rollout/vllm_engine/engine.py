@@ -45,6 +45,7 @@ class VLLMRolloutEngine:
         v = self.config.vision_config
         self.bits_shape = (v.num_levels, v.merge_unit, v.bsq_dim)
         self.max_model_len = max_model_len or 256 + (1024 // 32) ** 2
+        self.max_batch = max_batch
         self._tmp = tempfile.TemporaryDirectory(prefix="uniar-vllm-", dir=workdir)
         view = write_vllm_view(folder, Path(self._tmp.name), self.max_model_len)
         self.expected_names = _used_names(folder)
@@ -145,6 +146,9 @@ class VLLMRolloutEngine:
             raise ValueError(f"cfg_scale={req.cfg_scale} must be >= 1 (1 disables guidance)")
         if req.cfg_mode not in ("reference", "shared"):
             raise ValueError(f"cfg_mode={req.cfg_mode!r}: expected 'reference' or 'shared'")
+        if req.cfg_scale > 1.0 and self.max_batch < 2:
+            raise ValueError(f"cfg_scale={req.cfg_scale} needs max_batch >= 2 (a CFG sample is two rows decoded "
+                             "together); this engine was built with max_batch=1")
         n = (req.ar_height // 32) * (req.ar_width // 32)
         extra = {"key": f"s{next(_KEYS)}", "n": n, "seed": int(req.seed), "cfg_scale": float(req.cfg_scale),
                  "cfg_mode": req.cfg_mode, "ar_height": req.ar_height, "ar_width": req.ar_width,
