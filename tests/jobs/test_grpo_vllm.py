@@ -37,6 +37,8 @@ def test_grpo_with_the_vllm_engine(ray_local, tmp_path):
     assert [m["step"] for m in metrics] == [0, 1]
     for m in metrics:
         assert math.isfinite(m["train/loss"]) and m["excluded_groups"] == 0
+        # The vLLM engine sampled from the trainer's current weights: step 1 only after the in-place weight sync.
+        assert m["train/sampling/sampling_logp_difference/max"] < 1e-3
     # Step 0 is on-policy for the vLLM engine's own log-probs too: the sampler's log-probs are the trainer's.
     assert metrics[0]["train/clip_ratio/region_mean"] == 0.0
     a, b = _model_state(run, 1), _model_state(run, 2)
