@@ -93,7 +93,8 @@ class UniARCPUModelRunner(CPUModelRunner):
             req = self.requests[req_id]
             extra = (req.sampling_params.extra_args or {}).get("uniar")
             if extra is None:
-                raise ValueError(f"request {req_id}: missing SamplingParams.extra_args['uniar'] (use VLLMRolloutEngine)")
+                raise ValueError(f"request {req_id}: missing SamplingParams.extra_args['uniar'] "
+                                 "(use VLLMRolloutEngine)")
             sample = self.uniar_samples.get(extra["key"])
             if sample is None:
                 sample = self.uniar_samples[extra["key"]] = self._new_sample(extra, req.sampling_params.temperature)
