@@ -218,7 +218,8 @@ class GenerateStage:
         if rollout_cfg.backend == "vllm":  # imported here: vLLM is heavy and only this backend needs it
             from uniar_ray.rollout.vllm_engine import VLLMRolloutEngine
 
-            self.engine = VLLMRolloutEngine.from_model_config(model_cfg, max_batch=rollout_cfg.max_batch)
+            self.engine = VLLMRolloutEngine.from_model_config(model_cfg, max_batch=rollout_cfg.max_batch,
+                                                              kvcache_gib=rollout_cfg.vllm_kvcache_gib)
         else:
             from uniar_ray.model.factory import load_policy
 

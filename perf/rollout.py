@@ -1,11 +1,14 @@
-"""Rollout throughput: the KV-cached torch engine vs the reference's algorithm (visual-decoder stack recomputed over
-the whole sequence at every step), same weights, side by side in one run.
+"""Rollout throughput: the KV-cached torch engine and the vLLM engine vs the reference's algorithm (visual-decoder
+stack recomputed over the whole sequence at every step), same weights, side by side in one run.
 
     python -m perf.rollout                 # bench config, batch 8, N = 64 and 256 (+ N = 900 at batch 2), fp32 + bf16
     python -m perf.rollout --quick         # N = 64 only, fp32
-    python -m perf.rollout --quick --vllm  # + the vLLM engine vs torch vs reference, 32 concurrent requests, fp32
-    python -m perf.rollout --vllm-only --threads 1   # only that section (vLLM's worker computes on one core)
-Each (engine, N, dtype) runs in a fresh process so its peak RSS is its own. Last line: one JSON object.
+    python -m perf.rollout --vllm --threads 1 --vllm-requests 16   # + every engine on the same 16 concurrent
+                                           # requests at N = 256 and the step time at N = 900 (batch 2), fp32
+    python -m perf.rollout --vllm-only --threads 1 --vllm-requests 16   # only that section
+    python -m perf.rollout --vllm-only --quick   # that section at N = 64 only (a check that it runs)
+Each (engine, N, dtype) runs in a fresh process so its peak RSS is its own. Last line: one JSON object whose
+``ratios`` include ``best_over_reference_n256_b<R>`` and ``cached_over_reference_n256_b<R>``.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ def _measure(engine_kind: str, n: int, batch: int, dtype: str, threads: int) -> 
     seconds = time.perf_counter() - t0
     steps = engine.last_step_seconds
     out = {"engine": engine_kind, "n": n, "batch": batch, "dtype": dtype, "seconds": round(seconds, 3),
-           "tokens_per_s": round(n * batch / seconds, 1), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+           "tokens_per_s": round(n * batch / seconds, 1), "ms_per_step": round(1000 * seconds / n, 2),
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
     if n > 250:
         out["step10_ms"] = round(1000 * steps[10], 2)
         out["step250_ms"] = round(1000 * steps[250], 2)
@@ -64,10 +68,13 @@ def _measure_vllm(n: int, requests: int, conn) -> None:
     t0 = time.perf_counter()
     out = engine.generate(reqs)
     seconds = time.perf_counter() - t0
-    assert all(r.bits_shape[0] == n for r in out)
+    bad = [r for r in out if not hasattr(r, "bits_shape") or r.bits_shape[0] != n]
     engine.close()
+    if bad:
+        raise RuntimeError(f"vLLM engine: {len(bad)} of {requests} requests failed, e.g. {bad[0]}")
     conn.send({"engine": "vllm", "n": n, "batch": requests, "dtype": "fp32", "seconds": round(seconds, 3),
-               "tokens_per_s": round(n * requests / seconds, 1), "engine_start_s": round(start_s, 1),
+               "tokens_per_s": round(n * requests / seconds, 1), "ms_per_step": round(1000 * seconds / n, 2),
+               "engine_start_s": round(start_s, 1),
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
                "peak_rss_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024})
 
@@ -83,18 +90,36 @@ def _run_vllm(n: int, requests: int) -> dict:
     return row
 
 
-def _vllm_section(requests: int, threads: int, rows: list, ratios: dict) -> None:
-    """vLLM next to the cached torch engine and the reference algorithm, same requests, fp32."""
-    for n in (64, 256):
-        runs = {"vllm": _run_vllm(n, requests)}
-        for kind in ("cached", "reference"):
-            runs[kind] = _run((kind, n, requests, "fp32", threads))
+def _vllm_section(requests: int, threads: int, quick: bool, n900_batch: int, skip_reference_900: bool,
+                  rows: list, ratios: dict) -> dict:
+    """Every engine on the same requests and seeds, fp32: ``requests`` concurrent at N = 256 (the throughput
+    comparison), then N = 900 at ``n900_batch`` (the step time). Returns the summary printed before the JSON."""
+    summary = {}
+    for n, batch in ((64, requests),) if quick else ((256, requests), (900, n900_batch)):
+        runs = {"vllm": _run_vllm(n, batch), "cached": _run(("cached", n, batch, "fp32", threads))}
+        if not (n == 900 and skip_reference_900):
+            runs["reference"] = _run(("reference", n, batch, "fp32", threads))
         for row in runs.values():
             rows.append(row)
             print(json.dumps(row), flush=True)
-        ratios[f"vllm_over_cached_n{n}_b{requests}"] = round(runs["vllm"]["tokens_per_s"] / runs["cached"]["tokens_per_s"], 2)
-        ratios[f"vllm_over_reference_n{n}_b{requests}"] = round(
-            runs["vllm"]["tokens_per_s"] / runs["reference"]["tokens_per_s"], 2)
+        summary[f"step_ms_n{n}_b{batch}"] = {kind: row["ms_per_step"] for kind, row in runs.items()}
+        if "reference" not in runs:
+            continue
+        tag = f"n{n}_b{batch}"
+        ref = runs["reference"]["tokens_per_s"]
+        best = max(("vllm", "cached"), key=lambda kind: runs[kind]["tokens_per_s"])
+        ratios[f"vllm_over_cached_{tag}"] = round(runs["vllm"]["tokens_per_s"] / runs["cached"]["tokens_per_s"], 2)
+        ratios[f"vllm_over_reference_{tag}"] = round(runs["vllm"]["tokens_per_s"] / ref, 2)
+        ratios[f"cached_over_reference_{tag}"] = round(runs["cached"]["tokens_per_s"] / ref, 2)
+        ratios[f"best_over_reference_{tag}"] = round(runs[best]["tokens_per_s"] / ref, 2)
+        summary[f"best_engine_{tag}"] = best
+        print(f"N={n}, {batch} concurrent requests: best engine {best} at {ratios[f'best_over_reference_{tag}']}x "
+              f"the reference (torch engine {ratios[f'cached_over_reference_{tag}']}x, vLLM "
+              f"{ratios[f'vllm_over_reference_{tag}']}x)", flush=True)
+    for key, steps in summary.items():
+        if key.startswith("step_ms"):
+            print(f"{key}: " + ", ".join(f"{kind} {ms} ms" for kind, ms in steps.items()), flush=True)
+    return summary
 
 
 def _run(args) -> dict:
@@ -107,8 +132,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-reference-900", action="store_true", help="the no-cache N=900 run takes minutes")
-    ap.add_argument("--vllm", action="store_true", help="add the vLLM engine section (N = 64, 256; fp32)")
-    ap.add_argument("--vllm-requests", type=int, default=32, help="concurrent requests in the vLLM section")
+    ap.add_argument("--vllm", action="store_true", help="add the vLLM section: every engine at N = 256 and 900 (fp32)")
+    ap.add_argument("--vllm-requests", type=int, default=16, help="concurrent requests at N = 256 in that section")
+    ap.add_argument("--vllm-n900-batch", type=int, default=2, help="concurrent requests at N = 900 in that section")
     ap.add_argument("--vllm-only", action="store_true", help="run only the vLLM section")
     a = ap.parse_args(argv)
     plan = [] if a.vllm_only else [(64, 8)] if a.quick else [(64, 8), (256, 8), (900, 2)]
@@ -125,9 +151,11 @@ def main(argv=None):
             rows.append(ref)
             print(json.dumps(ref), flush=True)
             ratios[f"speedup_n{n}_{dtype}"] = round(cached["tokens_per_s"] / ref["tokens_per_s"], 2)
+    summary = {}
     if a.vllm or a.vllm_only:
-        _vllm_section(a.vllm_requests, a.threads, rows, ratios)
-    print(json.dumps({"bench": "rollout", "threads": a.threads, "ratios": ratios, "runs": rows}))
+        summary = _vllm_section(a.vllm_requests, a.threads, a.quick, a.vllm_n900_batch, a.skip_reference_900, rows,
+                                ratios)
+    print(json.dumps({"bench": "rollout", "threads": a.threads, "ratios": ratios, **summary, "runs": rows}))
 
 
 if __name__ == "__main__":

