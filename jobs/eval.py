@@ -11,10 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -173,24 +170,9 @@ def model_root(model: ModelConfig, tiny_cache: str) -> Path:
         if not root.is_dir():
             raise FileNotFoundError(f"model.path={model.path}: not a folder (a UniAR checkpoint root, or tiny)")
         return root
+    from uniar_ray.decoder.tiny import ensure_tiny_checkpoint
+
     return ensure_tiny_checkpoint(Path(tiny_cache) / f"seed{model.tiny_seed}", model.tiny_seed)
-
-
-def ensure_tiny_checkpoint(folder: Path, seed: int) -> Path:
-    from uniar_ray.decoder.tiny import write_tiny_decoder_checkpoint
-
-    folder = folder.resolve()
-    if (folder / "sd3_pipeline" / "model_index.json").is_file() and (folder / "ar_model").is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside and renamed into place: two runs starting together never load a half-written checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    write_tiny_decoder_checkpoint(tmp, seed=seed, ar_model=True)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another run got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
