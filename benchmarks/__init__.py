@@ -38,14 +38,14 @@ class Resolved:
 
 def resolve(cfg: Any) -> Resolved:
     """``cfg`` is a ``uniar_ray.config.BenchmarkConfig``; empty/zero fields take the benchmark's DEFAULTS."""
-    from benchmarks.common import data_root
+    from uniar_ray import datasets
 
     module = get(cfg.name)
     d = module.DEFAULTS
-    root = cfg.image_root or (str(data_root() / d.image_root) if d.image_root else "")
+    root = cfg.image_root or (str(datasets.fetch_folder(d.image_root)) if d.image_root else "")
     return Resolved(
         module=module,
-        prompt_file=Path(cfg.prompt_file) if cfg.prompt_file else d.prompt_path(),
+        prompt_file=datasets.resolve(cfg.prompt_file) if cfg.prompt_file else d.prompt_path(),
         samples_per_prompt=cfg.samples_per_prompt or d.samples_per_prompt,
         image_root=Path(root) if root else None,
         limit=cfg.limit or None,

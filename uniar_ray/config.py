@@ -280,7 +280,7 @@ BENCHMARK_NAMES = ("geneval", "oneig", "longtext", "imgedit")
 @dataclasses.dataclass
 class BenchmarkConfig:
     """Which benchmark an eval run writes and where its inputs come from. Empty / zero values mean the
-    benchmark's own default (prompt file under ../shared/data, samples per prompt, image root)."""
+    benchmark's own default (its registered prompt file, samples per prompt, image root; uniar_ray/datasets.py)."""
 
     name: str = "geneval"
     prompt_file: str = ""
@@ -408,7 +408,8 @@ class GRPOConfig:
 class DataConfig:
     """RL prompts: a JSONL file or a YAML mix (spec §7.1-7.2), and how many prompts a step takes.
 
-    A relative ``path`` is looked up in the working directory, the repository root, then ``../shared/data``."""
+    A relative ``path`` is looked up in the working directory, the repository root, then as a registered data name
+    (uniar_ray/datasets.py: the mirror, the cache, or a verified download)."""
 
     path: str = "uniar/rl_demo/demo_mix.yaml"
     prompt_key: str = "instruction"
