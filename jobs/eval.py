@@ -35,6 +35,7 @@ MAX_PRINTED_FAILURES = 20
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(EvalConfig, argv, default_config="configs/eval/quick_tiny.yaml")
+    benchmarks.resolve(cfg.benchmark)  # missing data files are reported before Ray starts
     started = start_ray(cfg)
     try:
         results = run(cfg)
