@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-NAMES = ("geneval", "oneig", "longtext", "imgedit")
+NAMES = ("geneval", "oneig", "longtext", "imgedit", "custom")
 
 
 def get(name: str) -> ModuleType:
@@ -31,6 +31,7 @@ class Resolved:
     limit: int | None
     skip_bad_lines: bool
     writer_options: dict[str, Any]
+    input_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # edit inputs: custom's image_key
 
     def writer(self, out_dir: str | Path):
         return self.module.writer(out_dir, samples_per_prompt=self.samples_per_prompt, **self.writer_options)
@@ -51,4 +52,5 @@ def resolve(cfg: Any) -> Resolved:
         limit=cfg.limit or None,
         skip_bad_lines=cfg.skip_bad_lines,
         writer_options={"model_name": cfg.model_name, "pad_missing": cfg.pad_missing},
+        input_options={"image_key": cfg.image_key} if cfg.image_key else {},
     )

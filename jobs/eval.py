@@ -152,11 +152,11 @@ def add_rows(plan: Plan) -> None:
             continue
         image_path = ""
         if plan.edit:
-            problems = b.module.check_inputs([record], b.image_root)
+            problems = b.module.check_inputs([record], b.image_root, **b.input_options)
             if problems:
                 plan.fail(record.idx, None, problems[0])
                 continue
-            image_path = str(b.module.input_image_path(record, b.image_root).resolve())
+            image_path = str(b.module.input_image_path(record, b.image_root, **b.input_options).resolve())
         for k in pending:
             plan.rows.append({"idx": record.idx, "k": k, "prompt": record.prompt, "image_path": image_path,
                               "seed": sample_seed(plan.settings, record.idx, k, b.samples_per_prompt), "error": ""})
@@ -405,6 +405,8 @@ def score(plan: Plan) -> dict[str, Any]:
     sc = plan.cfg.scoring
     if plan.name == "imgedit":
         return {"scored": False, "reason": "ImgEdit is judged by GPT-4o (the official basic_bench.py on images/)"}
+    if plan.name == "custom":
+        return {"scored": False, "reason": "a custom prompt file has no scorer"}
     if plan.name == "geneval":
         if not sc.geneval_detector:
             return {"scored": False, "reason": "no detector configured (scoring.geneval_detector)"}

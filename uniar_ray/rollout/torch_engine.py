@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from itertools import groupby
+from typing import Callable
 
 import torch
 
@@ -50,7 +51,10 @@ class TorchRolloutEngine:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Rollout | RolloutError]:
+    def generate(self, requests: list[GenerationRequest],
+                 on_step: Callable[[int, int], None] | None = None) -> list[Rollout | RolloutError]:
+        """One result per request, in order. ``on_step(i, n)`` is called after AR step i of n of each batch (progress
+        bars)."""
         results: list[Rollout | RolloutError | None] = [None] * len(requests)
         items = []
         for i, req in enumerate(requests):
@@ -65,7 +69,7 @@ class TorchRolloutEngine:
             for s in range(0, len(group), self.max_batch):
                 chunk = group[s: s + self.max_batch]
                 t0 = time.perf_counter()
-                for it, out in zip(chunk, self._generate_batch(chunk)):
+                for it, out in zip(chunk, self._generate_batch(chunk, on_step)):
                     results[it.index] = out
                 self._seconds += time.perf_counter() - t0
         return results  # type: ignore[return-value]
@@ -118,7 +122,7 @@ class TorchRolloutEngine:
         return texts, owners
 
     @torch.inference_mode()
-    def _generate_batch(self, items: list[_Item]) -> list[Rollout]:
+    def _generate_batch(self, items: list[_Item], on_step: Callable[[int, int], None] | None = None) -> list[Rollout]:
         pol, cfg = self.policy, self.policy.config
         dev, (L, U, D) = pol.device, pol.bits_shape
         h_px, w_px = items[0].req.ar_height, items[0].req.ar_width
@@ -162,6 +166,8 @@ class TorchRolloutEngine:
             now = time.perf_counter()
             self.last_step_seconds.append(now - t_step)
             t_step = now
+            if on_step is not None:
+                on_step(i + 1, n)
             if i == n - 1:
                 break  # the last token's features are never used
             row_bits = self._uncond_bits(bits, lp, cfg_rows, shared, gens, dev)
