@@ -111,13 +111,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     engine = TorchRolloutEngine(policy)
     batches = math.ceil(n / engine.max_batch)
     tokens = (args.ar_height // 32) * (args.ar_width // 32)
-    with progress(tokens * batches, "AR steps", args.no_progress) as step:
+    with StepBar(tokens * batches, "AR steps", args.no_progress) as step:
         results = engine.generate(requests, on_step=step)
     errors = [r.error for r in results if not isinstance(r, Rollout)]
     if errors:
         raise SystemExit("[generate] " + "; ".join(errors))
     bits = torch.stack([r.bits() for r in results])
-    with progress(args.decoder_num_inference_steps * math.ceil(n / decoder.max_batch), "denoising steps",
+    with StepBar(args.decoder_num_inference_steps * math.ceil(n / decoder.max_batch), "denoising steps",
                   args.no_progress) as step:
         images = decoder.decode(bits, args.ar_height, args.ar_width, args.upsampling_ratio,
                                 args.decoder_num_inference_steps, args.decoder_cfg_scale,
@@ -144,7 +144,7 @@ def load_models(model: str, dtype, device: str):
             UniARDecoder.from_pretrained(root, dtype=dtype, device=device))
 
 
-class progress:
+class StepBar:
     """A tqdm bar as an ``on_step(i, n)`` callback (one tick per step)."""
 
     def __init__(self, total: int, desc: str, disable: bool):
