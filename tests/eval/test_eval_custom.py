@@ -9,7 +9,7 @@ from PIL import Image
 
 from jobs import eval as eval_job
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.usefixtures("local_ray"), pytest.mark.slow]  # two eval runs on Ray (~40 s on 2 cores)
 
 
 def test_custom_prompts_unified_layout_resume_and_edit_inputs(quick_config, tmp_path):
