@@ -27,7 +27,7 @@ def user_cache(cache, monkeypatch):
 def test_tiny_prompt_to_png_with_bits_and_progress(tmp_path, cache, capsys):
     out = tmp_path / "sub" / "apple.png"
     [path] = generate.main(["--prompt", "a red apple", "--output", str(out), "--save-bits", *QUICK])
-    assert path == out and (cache / "tiny" / "seed0" / "ar_model").is_dir()
+    assert path == out and (cache / "tiny" / "v1-seed0" / "ar_model").is_dir()
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (144, 96)  # (width, height) = AR size x 1.5
     saved = load_bits_file(tmp_path / "sub" / "apple.bits.npz")

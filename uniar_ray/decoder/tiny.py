@@ -189,9 +189,14 @@ def ensure_tiny_checkpoint(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+# Part of the cache folder's name: bump it when the files a tiny checkpoint holds change, so that a cache written by
+# an older version is never mistaken for a complete one.
+TINY_CHECKPOINT_VERSION = 1
+
+
 def cached_tiny_checkpoint(seed: int = 0) -> Path:
     """The tiny checkpoint the command-line tools use by default (``--model tiny``), under the user cache
-    (``$UNIAR_CACHE_DIR/tiny/seed<seed>``, default ~/.cache/uniar-ray)."""
+    (``$UNIAR_CACHE_DIR/tiny/v<version>-seed<seed>``, default ~/.cache/uniar-ray)."""
     from uniar_ray.datasets import cache_dir
 
-    return ensure_tiny_checkpoint(cache_dir() / "tiny" / f"seed{seed}", seed)
+    return ensure_tiny_checkpoint(cache_dir() / "tiny" / f"v{TINY_CHECKPOINT_VERSION}-seed{seed}", seed)
