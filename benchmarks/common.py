@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterator, Protocol
 
 from PIL import Image
 
+from uniar_ray import datasets
 from uniar_ray.data import BadLine  # one record for a reported bad line, shared with the RL data reader
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_NAME = re.compile(r"^(\d{4})\.png$")
 
 # OCR is pluggable: anything that turns one image into its text (RapidOCR, a VLM, fixed strings in tests).
@@ -39,11 +39,6 @@ def rapidocr() -> OCR:
     return read
 
 
-def data_root() -> Path:
-    """The public prompt and official files live beside the checkout, never inside it."""
-    return REPO_ROOT.parent / "shared" / "data"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Per-benchmark generation defaults (the reference's scripts/infer/run_*.sh)
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,7 +48,7 @@ def data_root() -> Path:
 class BenchmarkDefaults:
     """Generation settings the reference uses for one benchmark; the eval job starts from these."""
 
-    prompt_file: str  # relative to data_root()
+    prompt_file: str  # a registered data name (uniar_ray/datasets.py)
     ar_height: int
     ar_width: int
     samples_per_prompt: int
@@ -62,11 +57,11 @@ class BenchmarkDefaults:
     upsampling_ratio: float
     decoder_steps: int = 28
     decoder_guidance: float = 1.5
-    image_root: str | None = None  # edit benchmarks: relative to data_root()
+    image_root: str | None = None  # edit benchmarks: a registered data folder
     seed: int = 0
 
     def prompt_path(self) -> Path:
-        return data_root() / self.prompt_file
+        return datasets.fetch(self.prompt_file)
 
 
 # ----------------------------------------------------------------------------------------------------------------

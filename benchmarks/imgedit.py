@@ -18,9 +18,9 @@ from benchmarks.common import (
     Report,
     as_rgb,
     save_png_once,
-    data_root,
     iter_unified,
 )
+from uniar_ray import datasets
 
 # scripts/infer/run_imgedit.sh: AR 512^2 x2.0, 1 sample, T 0.1, cfg 2.0, image_key input_image.
 DEFAULTS = BenchmarkDefaults(
@@ -51,7 +51,7 @@ def original_id(record: PromptRecord) -> str:
 
 
 def image_root(root: str | Path | None = None) -> Path:
-    return Path(root) if root else data_root() / DEFAULTS.image_root
+    return Path(root) if root else datasets.fetch_folder(DEFAULTS.image_root)
 
 
 def input_image_path(record: PromptRecord, root: str | Path | None = None) -> Path:
@@ -147,7 +147,7 @@ def convert(src: str | Path, dst: str | Path, basic_edit: str | Path | None = No
 
 
 def read_basic_edit(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    return json.loads(Path(path or data_root() / BASIC_EDIT).read_text(encoding="utf-8"))
+    return json.loads(Path(path or datasets.fetch(BASIC_EDIT)).read_text(encoding="utf-8"))
 
 
 def check_layout(folder: str | Path, records: Iterable[PromptRecord],

@@ -24,9 +24,9 @@ from benchmarks.common import (
     UnifiedWriter,
     as_rgb,
     atomic_save_image,
-    data_root,
     iter_unified,
 )
+from uniar_ray import datasets
 
 # scripts/infer/run_oneig.sh: AR 704 tall x 1280 wide, x1.0, 4 samples, T 0.1, cfg 2.0.
 DEFAULTS = BenchmarkDefaults(
@@ -296,7 +296,7 @@ def aggregate(cells: Sequence[CellScore], mode: str = "EN") -> dict[str, float]:
 
 def read_text_content(path: str | Path | None = None) -> dict[str, str]:
     """id (3-digit string, verbatim) -> raw text_content string."""
-    path = Path(path) if path else data_root() / TEXT_CONTENT
+    path = Path(path) if path else datasets.fetch(TEXT_CONTENT)
     with open(path, newline="", encoding="utf-8") as f:
         return {row["id"]: row["text_content"] for row in csv.DictReader(f)}
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +35,7 @@ MAX_PRINTED_FAILURES = 20
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(EvalConfig, argv, default_config="configs/eval/quick_tiny.yaml")
+    benchmarks.resolve(cfg.benchmark)  # missing data files are reported before Ray starts
     started = start_ray(cfg)
     try:
         results = run(cfg)
@@ -154,11 +152,11 @@ def add_rows(plan: Plan) -> None:
             continue
         image_path = ""
         if plan.edit:
-            problems = b.module.check_inputs([record], b.image_root)
+            problems = b.module.check_inputs([record], b.image_root, **b.input_options)
             if problems:
                 plan.fail(record.idx, None, problems[0])
                 continue
-            image_path = str(b.module.input_image_path(record, b.image_root).resolve())
+            image_path = str(b.module.input_image_path(record, b.image_root, **b.input_options).resolve())
         for k in pending:
             plan.rows.append({"idx": record.idx, "k": k, "prompt": record.prompt, "image_path": image_path,
                               "seed": sample_seed(plan.settings, record.idx, k, b.samples_per_prompt), "error": ""})
@@ -173,24 +171,9 @@ def model_root(model: ModelConfig, tiny_cache: str) -> Path:
         if not root.is_dir():
             raise FileNotFoundError(f"model.path={model.path}: not a folder (a UniAR checkpoint root, or tiny)")
         return root
+    from uniar_ray.decoder.tiny import ensure_tiny_checkpoint
+
     return ensure_tiny_checkpoint(Path(tiny_cache) / f"seed{model.tiny_seed}", model.tiny_seed)
-
-
-def ensure_tiny_checkpoint(folder: Path, seed: int) -> Path:
-    from uniar_ray.decoder.tiny import write_tiny_decoder_checkpoint
-
-    folder = folder.resolve()
-    if (folder / "sd3_pipeline" / "model_index.json").is_file() and (folder / "ar_model").is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside and renamed into place: two runs starting together never load a half-written checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    write_tiny_decoder_checkpoint(tmp, seed=seed, ar_model=True)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another run got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,6 +406,8 @@ def score(plan: Plan) -> dict[str, Any]:
     sc = plan.cfg.scoring
     if plan.name == "imgedit":
         return {"scored": False, "reason": "ImgEdit is judged by GPT-4o (the official basic_bench.py on images/)"}
+    if plan.name == "custom":
+        return {"scored": False, "reason": "a custom prompt file has no scorer"}
     if plan.name == "geneval":
         if not sc.geneval_detector:
             return {"scored": False, "reason": "no detector configured (scoring.geneval_detector)"}

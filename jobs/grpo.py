@@ -17,12 +17,14 @@ import ray
 
 from uniar_ray import grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
+from uniar_ray.data import resolve_data_path
 from uniar_ray.rollout import GenerationRequest, Rollout
 from uniar_ray.runlog import RunDir, restore_rng
 
 
 def main(argv: list[str] | None = None):
     cfg, args = parse_cli(GRPORunConfig, argv, default_config="configs/grpo_demo.yaml")
+    resolve_data_path(cfg.data.path)  # missing data files are reported before the run folder and Ray
     run = RunDir(cfg.run_dir, resume=args.resume)
     (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     start_ray(cfg)

@@ -5,6 +5,9 @@ The legacy index codec exists only to reproduce the published code's indices, qu
 """
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -38,6 +41,59 @@ def unpack_bits(packed: np.ndarray | bytes, shape: tuple[int, ...]) -> torch.Ten
 
 def packed_nbytes(shape: tuple[int, ...]) -> int:
     return (int(np.prod(shape)) + 7) // 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bits files: one generated image's bits on disk (jobs.generate --save-bits writes them, jobs.chat --bits reads them)
+# --------------------------------------------------------------------------------------------------------------
+
+BITS_FILE_SUFFIX = ".bits.npz"
+BITS_FILE_VERSION = 1
+
+
+def bits_file_path(image_path: str | Path) -> Path:
+    """``apple.png`` -> ``apple.bits.npz`` beside it."""
+    p = Path(image_path)
+    return p.with_name(p.stem + BITS_FILE_SUFFIX)
+
+
+def save_bits_file(path: str | Path, bits: torch.Tensor | np.ndarray, ar_height: int, ar_width: int,
+                   prompt: str = "") -> Path:
+    """bits [N, L, U, D] in {0, 1} -> an .npz holding them packed (``packed`` uint8, ``shape`` [4]), the AR size
+    and the prompt; plain arrays only, so loading never unpickles."""
+    shape = tuple(int(x) for x in np.shape(bits))
+    if len(shape) != 4 or shape[0] != (ar_height // 32) * (ar_width // 32):
+        raise ValueError(f"bits of shape {shape} do not fit a {ar_height}x{ar_width} image ([N, L, U, D], "
+                         f"N = {(ar_height // 32) * (ar_width // 32)})")
+    path = Path(path)
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a str path
+        np.savez(f, version=np.int64(BITS_FILE_VERSION), packed=pack_bits(bits), shape=np.array(shape, np.int64),
+                 ar_height=np.int64(ar_height), ar_width=np.int64(ar_width), prompt=np.str_(prompt))
+    return path
+
+
+@dataclasses.dataclass
+class BitsFile:
+    bits: torch.Tensor  # [N, L, U, D] uint8
+    ar_height: int
+    ar_width: int
+    prompt: str
+
+
+def load_bits_file(path: str | Path) -> BitsFile:
+    """Inverse of ``save_bits_file``; a file that is not one is a ValueError naming it."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            fields = {k: z[k] for k in ("version", "packed", "shape", "ar_height", "ar_width", "prompt")}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"{path}: not a bits file written by save_bits_file / jobs.generate --save-bits ({e})") \
+            from None
+    if int(fields["version"]) != BITS_FILE_VERSION:
+        raise ValueError(f"{path}: bits file version {int(fields['version'])}, this code reads {BITS_FILE_VERSION}")
+    shape = tuple(int(x) for x in fields["shape"])
+    return BitsFile(unpack_bits(fields["packed"], shape), int(fields["ar_height"]), int(fields["ar_width"]),
+                    str(fields["prompt"]))
 
 
 # --------------------------------------------------------------------------------------------------------------

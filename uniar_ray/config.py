@@ -274,13 +274,13 @@ class RewardConfig:
 # Benchmarks (benchmarks/; the generation defaults per benchmark are benchmarks.<name>.DEFAULTS)
 # ----------------------------------------------------------------------------------------------------------------
 
-BENCHMARK_NAMES = ("geneval", "oneig", "longtext", "imgedit")
+BENCHMARK_NAMES = ("geneval", "oneig", "longtext", "imgedit", "custom")
 
 
 @dataclasses.dataclass
 class BenchmarkConfig:
     """Which benchmark an eval run writes and where its inputs come from. Empty / zero values mean the
-    benchmark's own default (prompt file under ../shared/data, samples per prompt, image root)."""
+    benchmark's own default (its registered prompt file, samples per prompt, image root; uniar_ray/datasets.py)."""
 
     name: str = "geneval"
     prompt_file: str = ""
@@ -288,11 +288,20 @@ class BenchmarkConfig:
     skip_bad_lines: bool = False  # report malformed prompt lines and go on instead of failing
     samples_per_prompt: int = 0
     image_root: str = ""  # edit benchmarks: folder holding meta.input_image paths
+    image_key: str = ""  # custom: the record field naming an input image under image_root (edit mode)
     model_name: str = "uniar"  # oneig: the <model> folder under text/
     pad_missing: bool = False  # oneig: pad a prompt with missing samples with exactly-black tiles
 
     def __post_init__(self):
         _check_choice("benchmark.name", self.name, BENCHMARK_NAMES)
+        if self.name == "custom" and not self.prompt_file:
+            raise ConfigError("benchmark.name=custom needs benchmark.prompt_file=FILE.jsonl ({idx, prompt, meta} "
+                              "lines)")
+        if self.name == "custom" and bool(self.image_root) != bool(self.image_key):
+            raise ConfigError("benchmark.image_root and benchmark.image_key must be set together (edit mode): the "
+                              "input image is <image_root>/<the record's image_key value>")
+        if self.image_key and self.name != "custom":
+            raise ConfigError(f"benchmark.image_key is for benchmark.name=custom ({self.name} has a fixed layout)")
         if self.limit < 0 or self.samples_per_prompt < 0:
             raise ConfigError("benchmark: limit and samples_per_prompt must be >= 0 (0 = default)")
         if not self.model_name or "/" in self.model_name:
@@ -408,7 +417,8 @@ class GRPOConfig:
 class DataConfig:
     """RL prompts: a JSONL file or a YAML mix (spec §7.1-7.2), and how many prompts a step takes.
 
-    A relative ``path`` is looked up in the working directory, the repository root, then ``../shared/data``."""
+    A relative ``path`` is looked up in the working directory, the repository root, then as a registered data name
+    (uniar_ray/datasets.py: the mirror, the cache, or a verified download)."""
 
     path: str = "uniar/rl_demo/demo_mix.yaml"
     prompt_key: str = "instruction"

@@ -18,10 +18,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import yaml
 
+from uniar_ray import datasets
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # public data lives beside the checkout, never inside it
 MIX_ENTRY_KEYS = ("name", "json_path", "sampled_ratio")
 
 
@@ -264,13 +265,16 @@ def load_mix(
 
 def resolve_data_path(path: str | Path) -> Path:
     """A data path from the config: absolute as is; relative against the working directory, the repository root,
-    then ``../shared/data`` beside the checkout."""
+    then as a registered public data name (``uniar/rl_demo/demo_mix.yaml``: mirror, cache or download, verified)."""
     p = Path(path)
-    candidates = [p] if p.is_absolute() else [p, REPO_ROOT / p, SHARED_DATA / p]
+    candidates = [p] if p.is_absolute() else [p, REPO_ROOT / p]
     for c in candidates:
         if c.is_file():
             return c
-    raise DataError(f"data path {str(path)!r} not found; tried {', '.join(str(c) for c in candidates)}")
+    if not p.is_absolute() and datasets.is_registered(p):
+        return datasets.fetch(p)  # DataFileError says where it looked and how to provide the file
+    raise DataError(f"data path {str(path)!r} not found; tried {', '.join(str(c) for c in candidates)} (and it is "
+                    "not a registered data name)")
 
 
 def load_dataset(

@@ -29,7 +29,7 @@ def token_cluster(tmp_path):
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_job_submit_runs_a_grpo_step_with_token_auth(token_cluster, tmp_path):
+def test_job_submit_runs_a_grpo_step_with_token_auth(token_cluster, tmp_path, shared_data):
     with pytest.raises(urllib.error.HTTPError) as e:  # the dashboard's job API refuses callers without the token
         urllib.request.urlopen(f"{DASHBOARD}/api/jobs/", timeout=30)
     assert e.value.code == 401
@@ -38,8 +38,8 @@ def test_job_submit_runs_a_grpo_step_with_token_auth(token_cluster, tmp_path):
            sys.executable, "-m", "jobs.grpo", "--config", "configs/grpo_demo.yaml", "cluster.address=auto",
            "steps=1", "data.prompts_per_step=2", "grpo.num_generations=4", "trainer.micro_batch_size=4",
            "grpo.decode_num_inference_steps=2", f"run_dir={run_dir}",
-           # the working dir is uploaded to the cluster; the data beside the checkout is not, so name it absolutely
-           f"data.path={REPO.parent / 'shared' / 'data' / 'uniar' / 'rl_demo' / 'demo_mix.yaml'}"]
+           # the working dir is uploaded to the cluster; the data (mirror or cache) is not, so name it absolutely
+           f"data.path={shared_data / 'uniar' / 'rl_demo' / 'demo_mix.yaml'}"]
     out = subprocess.run(cmd, env=token_cluster, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "[grpo] step    0" in out.stdout and "succeeded" in out.stdout

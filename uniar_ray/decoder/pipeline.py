@@ -15,7 +15,7 @@ import secrets
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -132,7 +132,8 @@ class UniARDecoder:
         return (m * max(1, round(ar_height * upsampling_ratio / m)), m * max(1, round(ar_width * upsampling_ratio / m)))
 
     def decode(self, bits, ar_height, ar_width, upsampling_ratio=2.0, num_inference_steps=28, guidance_scale=1.5,
-               seeds: Sequence[int] | None = None, on_error: str = "raise") -> list:
+               seeds: Sequence[int] | None = None, on_error: str = "raise",
+               on_step: Callable[[int, int], None] | None = None) -> list:
         """bits [B, N, L, U, D] (or a list of [N_k, L, U, D] for mixed sizes) in {0, 1} -> B PIL images.
 
         ``ar_height``, ``ar_width``, ``upsampling_ratio``, ``num_inference_steps``, ``guidance_scale``: one value or
@@ -141,6 +142,7 @@ class UniARDecoder:
         A bad sample (wrong bits shape, AR size not a multiple of 32, ratio outside [1, 2], ...) or a failed group
         does not stop the others: with ``on_error="raise"`` a DecodeError listing the failures is raised after
         everything else decoded (its ``results`` hold all outcomes); ``"return"`` puts a DecodeFailure in place.
+        ``on_step(i, n)`` is called after denoising step i of n of each batch (progress bars).
         """
         if on_error not in ("raise", "return"):
             raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'return'")
@@ -157,7 +159,7 @@ class UniARDecoder:
         items = [self._validate(i, samples[i], per["ar_height"][i], per["ar_width"][i], per["upsampling_ratio"][i],
                                 per["num_inference_steps"][i], per["guidance_scale"][i], per["seeds"][i])
                  for i in range(n)]
-        results = [Image.fromarray(r) if isinstance(r, np.ndarray) else r for r in self._decode_items(items)]
+        results = [Image.fromarray(r) if isinstance(r, np.ndarray) else r for r in self._decode_items(items, on_step)]
         if on_error == "raise" and any(isinstance(r, DecodeFailure) for r in results):
             raise DecodeError(results)
         return results
@@ -231,7 +233,8 @@ class UniARDecoder:
         return _Sample(index, bits.to(torch.uint8), int(ar_height), int(ar_width), out_h, out_w, int(steps),
                        float(guidance), int(seed))
 
-    def _decode_items(self, items: list[_Sample | DecodeFailure]) -> list[np.ndarray | DecodeFailure]:
+    def _decode_items(self, items: list[_Sample | DecodeFailure],
+                      on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray | DecodeFailure]:
         """Valid samples grouped by (sizes, steps, guidance), in chunks of max_batch; a chunk that raises fails
         only its own samples."""
         out: list[Any] = list(items)
@@ -243,7 +246,7 @@ class UniARDecoder:
             for start in range(0, len(group), self.max_batch):
                 chunk = group[start:start + self.max_batch]
                 try:
-                    images = self._run(chunk)
+                    images = self._run(chunk, on_step)
                 except Exception as e:  # noqa: BLE001 - report per sample, keep decoding the other groups
                     logger.exception("decode of %d samples at %dx%d failed", len(chunk), chunk[0].out_height,
                                      chunk[0].out_width)
@@ -257,7 +260,7 @@ class UniARDecoder:
     # ------------------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run(self, chunk: list[_Sample]) -> list[np.ndarray]:
+    def _run(self, chunk: list[_Sample], on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
         first, b = chunk[0], len(chunk)
         cfg = first.guidance > 1.0  # as diffusers: guidance <= 1 runs the conditional branch only
         vsf, patch = self.vae_scale_factor, self.vision.cfg.patch_size
@@ -273,13 +276,15 @@ class UniARDecoder:
         text, pooled = self.prompt.batch(b, cfg)
         latents = torch.cat([self._noise(s.seed, lat_h, lat_w) for s in chunk])
         scheduler, timesteps = self._timesteps(first.steps, lat_h, lat_w)
-        for t in timesteps:
+        for i, t in enumerate(timesteps):
             x = torch.cat([latents, latents]) if cfg else latents
             pred = self.transformer(x, text, pooled, t.expand(x.shape[0]), feature_tokens=tokens, return_dict=False)[0]
             if cfg:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + first.guidance * (cond - uncond)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
         return self._to_images(latents)
 
     def _noise(self, seed: int, lat_h: int, lat_w: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ sd3_pipeline/) with a tiny SD3 transformer, VAE, CLIP-L/G and T5 and locally bui
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -169,3 +171,32 @@ def write_tiny_decoder_checkpoint(folder: str | Path, seed: int = 0, ar_model: b
     pipe = StableDiffusion3Pipeline(transformer=None, **build_tiny_pipeline_parts(seed, with_t5))
     pipe.save_pretrained(root / "sd3_pipeline")
     return root
+
+
+def ensure_tiny_checkpoint(folder: str | Path, seed: int = 0) -> Path:
+    """The seeded tiny four-folder checkpoint (AR model + decoder) at ``folder``, written once and reused."""
+    folder = Path(folder).resolve()
+    if (folder / "sd3_pipeline" / "model_index.json").is_file() and (folder / "ar_model").is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside and renamed into place: two runs starting together never load a half-written checkpoint.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    write_tiny_decoder_checkpoint(tmp, seed=seed, ar_model=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another run got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# Part of the cache folder's name: bump it when the files a tiny checkpoint holds change, so that a cache written by
+# an older version is never mistaken for a complete one.
+TINY_CHECKPOINT_VERSION = 1
+
+
+def cached_tiny_checkpoint(seed: int = 0) -> Path:
+    """The tiny checkpoint the command-line tools use by default (``--model tiny``), under the user cache
+    (``$UNIAR_CACHE_DIR/tiny/v<version>-seed<seed>``, default ~/.cache/uniar-ray)."""
+    from uniar_ray.datasets import cache_dir
+
+    return ensure_tiny_checkpoint(cache_dir() / "tiny" / f"v{TINY_CHECKPOINT_VERSION}-seed{seed}", seed)
