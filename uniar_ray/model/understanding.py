@@ -113,8 +113,9 @@ def generate_text(policy, input_ids, attention_mask_2d, pixel_values=None, image
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0 when sampling")
     check_text_inputs(input_ids, attention_mask_2d)
-    eos = torch.tensor(eos_token_ids if eos_token_ids is not None else default_eos_ids(policy), device=policy.device)
-    pad = pad_token_id if pad_token_id is not None else default_pad_id(policy, int(eos[0]))
+    eos_ids = list(eos_token_ids) if eos_token_ids is not None else default_eos_ids(policy)
+    pad = pad_token_id if pad_token_id is not None else default_pad_id(policy, eos_ids)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=policy.device)
     dev, lm, tc = policy.device, policy.model.language_model, policy.config.text_config
     input_ids, attention_mask_2d = input_ids.to(dev), attention_mask_2d.to(dev)
     b, s = input_ids.shape
@@ -131,13 +132,14 @@ def generate_text(policy, input_ids, attention_mask_2d, pixel_values=None, image
     out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
-        token = torch.where(done, pad, _pick(logits, do_sample, temperature, gen))
-        out[:, t] = token
-        done |= torch.isin(token, eos)
+        picked = _pick(logits, do_sample, temperature, gen)
+        out[:, t] = torch.where(done, pad, picked)
+        done |= torch.isin(picked, eos)
         if bool(done.all()) or t == max_new_tokens - 1:
             return out[:, : t + 1]
         pos = (start + t).view(1, b, 1).expand(3, b, 1)
-        h = lm(lm.embed_tokens(token)[:, None], pos, attention_mask(key_valid[:, : s + t + 1], 1), cache=cache,
+        # Finished rows keep running on their own picks (any valid id): their outputs are pad from here on.
+        h = lm(lm.embed_tokens(picked)[:, None], pos, attention_mask(key_valid[:, : s + t + 1], 1), cache=cache,
                start=s + t, final_norm=True)
         logits = policy.lm_head(h[:, -1])
     return out
@@ -155,9 +157,12 @@ def default_eos_ids(policy) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def default_pad_id(policy, eos: int) -> int:
+def default_pad_id(policy, eos_ids: list[int]) -> int:
+    """Fills rows after their EOS: generation_config.json's pad, else the tokenizer's, else the first EOS id."""
     gen_cfg = getattr(policy, "generation_config", None) or {}
     pad = gen_cfg.get("pad_token_id")
     if pad is None and policy.tokenizer is not None:
         pad = policy.tokenizer.pad_token_id
-    return eos if pad is None else int(pad)
+    if pad is None and not eos_ids:
+        raise ValueError("no pad token: pass pad_token_id=...")
+    return int(eos_ids[0] if pad is None else pad)
