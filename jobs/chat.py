@@ -1,7 +1,7 @@
 """Ask a UniAR model about an image and print its answer (the reference's inference/chat.py: greedy, chat template).
 
     python -m jobs.chat --image apple.png --prompt "What is this?"                 # tiny seeded model, CPU
-    python -m jobs.chat --model /ckpt/UniAR --image apple.png --prompt "Describe this image." --dtype bfloat16
+    python -m jobs.chat --model /ckpt/UniAR --image apple.png --prompt "Describe this image." --dtype bfloat16 --attn eager
     python -m jobs.chat --bits apple.bits.npz --prompt "What is this?"              # straight from generated bits
     ray job submit --working-dir . -- python -m jobs.chat --model /ckpt/UniAR --image apple.png --prompt "..."
 
@@ -27,7 +27,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bits", help="a bits file from jobs.generate --save-bits, used as the image instead")
     ap.add_argument("--prompt", required=True, help="the question")
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit (reference: 1024)")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="bfloat16 computes as the reference's chat.py does after model.to(bfloat16): rotary tables "
+                         "rounded to bf16 (bit-identical logits with the same attention backend)")
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                    help="attention backend (chat.py uses eager on CPU, flash-attention on GPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0, help="seed of the tiny model (with --model tiny)")
     args = ap.parse_args(argv)
@@ -46,7 +50,9 @@ def main(argv: list[str] | None = None) -> str:
     from uniar_ray.rollout.images import decode_image
 
     folder = resolve_ar_folder(_model_root(args.model, args.seed))
-    policy = UniARPolicy.from_pretrained(folder, dtype=DTYPES[args.dtype], device=args.device)
+    dtype = DTYPES[args.dtype]
+    policy = UniARPolicy.from_pretrained(folder, dtype=dtype, device=args.device, attn_impl=args.attn,
+                                         bf16_rope_tables=dtype == torch.bfloat16)
     if policy.tokenizer is None:
         raise SystemExit(f"{folder}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     processor = ChatProcessor.from_pretrained(folder, policy.tokenizer, policy.config.vision_config)

@@ -57,3 +57,11 @@ def test_bad_arguments(tmp_path, folder):
     (bare / "preprocessor_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         chat.main(["--model", str(bare), "--prompt", "hi", "--image", str(_picture(tmp_path / "p.png"))])
+
+
+def test_bf16_eager_runs_like_the_reference_chat(tmp_path, folder, capsys):
+    """--dtype bfloat16 --attn eager is chat.py's CPU set-up (model.to(bf16): bf16 rotary tables; eager attention)."""
+    args = ["--model", str(folder), "--prompt", "What is this?", "--max-new-tokens", "5",
+            "--image", str(_picture(tmp_path / "p.png"))]
+    answer = chat.main(args + ["--dtype", "bfloat16", "--attn", "eager"])
+    assert isinstance(answer, str) and capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from uniar_ray.bits import BitsFile
-from uniar_ray.model import write_tiny_checkpoint
+from uniar_ray.model import UniARPolicy, write_tiny_checkpoint
 from uniar_ray.model.chat import ChatProcessor
 from uniar_ray.model.understanding import next_positions, text_positions
 
@@ -164,3 +164,24 @@ def test_bad_inputs_are_clear_errors(tiny_policy, processor):
         tiny_policy.generate_text(**right)
     with pytest.raises(ValueError, match="neither pixel_values nor image_bits"):
         tiny_policy.text_logits(inputs.input_ids, inputs.attention_mask)
+
+
+def test_vision_tower_follows_attn_impl_and_rope_rounding(tiny_checkpoint):
+    """The reference's chat.py runs the vision tower with transformers' eager attention on CPU and, after
+    ``.to(bfloat16)``, builds its rotary angle table in bf16: set_attn_impl / bf16_rope_tables reproduce both
+    (checked bit for bit against the reference; here the invariants that need no reference)."""
+    pol = UniARPolicy.from_pretrained(tiny_checkpoint)
+    vis = pol.model.visual
+    patches = torch.randn(24, 1536, generator=torch.Generator().manual_seed(0))
+    grid = torch.tensor([[1, 4, 6]])
+    sdpa = vis(patches, grid)[0]
+    pol.set_attn_impl("eager")
+    assert all(b.attn.impl == "eager" for b in vis.blocks)
+    torch.testing.assert_close(vis(patches, grid)[0], sdpa, atol=1e-5, rtol=1e-5)  # same maths in fp32
+    bf16 = UniARPolicy.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, bf16_rope_tables=True).model.visual
+    cos, _ = bf16._rotary(grid)
+    inv = bf16.rotary_inv_freq.to(torch.bfloat16)
+    table = torch.outer(torch.arange(6, dtype=torch.bfloat16), inv)  # transformers: arange x inv_freq in bf16
+    assert cos.dtype == torch.bfloat16
+    assert torch.equal(cos[1, : inv.numel()], table[0].cos())  # patch (0, 1): row 0 ...
+    assert torch.equal(cos[1, inv.numel(): 2 * inv.numel()], table[1].cos())  # ... column 1
