@@ -43,7 +43,8 @@ def load_chat_template(folder: Path, tokenizer) -> str:
 
 
 def load_image_processor(folder: Path):
-    """The checkpoint's image processor (preprocessor_config.json; transformers falls back to PIL without torchvision)."""
+    """The checkpoint's image processor (preprocessor_config.json); without torchvision transformers gives its PIL
+    variant (same arithmetic)."""
     if not (folder / "preprocessor_config.json").is_file():
         raise FileNotFoundError(f"{folder}: no preprocessor_config.json (the Qwen2-VL/Qwen3-VL image processor "
                                 "settings: patch_size, merge_size, image_mean/std, size); copy the published one")
@@ -78,8 +79,9 @@ class ChatProcessor:
     def text(self, prompt: str, with_image: bool) -> str:
         """One user message, image first then the question (as chat.py), plus the generation prompt."""
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=self.chat_template,
-                                                  tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
 
     def __call__(self, prompts: list[str], images: list | None = None, bits: list | None = None) -> ChatInputs:
         """prompts [B]; images: one PIL image (or None) per row; or bits: one ``BitsFile`` (or None) per row."""
