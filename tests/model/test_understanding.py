@@ -185,3 +185,19 @@ def test_vision_tower_follows_attn_impl_and_rope_rounding(tiny_checkpoint):
     assert cos.dtype == torch.bfloat16
     assert torch.equal(cos[1, : inv.numel()], table[0].cos())  # patch (0, 1): row 0 ...
     assert torch.equal(cos[1, inv.numel(): 2 * inv.numel()], table[1].cos())  # ... column 1
+
+
+def test_chat_template_comes_from_the_checkpoint(tmp_path, tiny_policy, chat_folder):
+    """chat_template.jinja, else chat_template.json (Qwen3-VL's published form), else the tokenizer's; none: error."""
+    from uniar_ray.model.chat import load_chat_template
+
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    tok = tiny_policy.tokenizer
+    assert load_chat_template(chat_folder, None) == tok.chat_template
+    (folder / "chat_template.json").write_text('{"chat_template": "X{{ messages[0][\'role\'] }}"}')
+    assert load_chat_template(folder, tok) == "X{{ messages[0]['role'] }}"
+    (folder / "chat_template.json").unlink()
+    assert load_chat_template(folder, tok) == tok.chat_template
+    with pytest.raises(FileNotFoundError, match="no chat template"):
+        load_chat_template(folder, type("Tok", (), {"chat_template": None})())
