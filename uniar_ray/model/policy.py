@@ -5,11 +5,13 @@ teacher-forced scorer of spec §7.6 (the RL forward). The rollout engines reuse 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import understanding
 from .configuration import UniARConfig
 from .layers import ATTN_IMPLS, DecoderLayer, RMSNorm, TextModel, attention_mask
 from .loading import load_state_dict_strict, resolve_ar_folder, save_safetensors
@@ -51,6 +53,7 @@ class UniARPolicy(nn.Module):
             [DecoderLayer(cfg.text_config) for _ in range(cfg.visual_transformer_decoder_depth)]
         )
         self.tokenizer = None
+        self.generation_config: dict = {}  # the checkpoint's generation_config.json (EOS / pad ids for chat)
 
     # ------------------------------------------------------------------------------------------------------------
     # loading / saving
@@ -74,6 +77,8 @@ class UniARPolicy(nn.Module):
             policy.set_rope_table_rounding(torch.bfloat16)
         if (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists():
             policy.tokenizer = load_tokenizer(folder)
+        if (folder / "generation_config.json").exists():
+            policy.generation_config = json.loads((folder / "generation_config.json").read_text())
         return policy.eval()
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -83,6 +88,8 @@ class UniARPolicy(nn.Module):
         save_safetensors(self.state_dict(), folder / "model.safetensors")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(folder))
+        if self.generation_config:
+            (folder / "generation_config.json").write_text(json.dumps(self.generation_config, indent=2))
 
     def set_attn_impl(self, impl: str) -> None:
         if impl not in ATTN_IMPLS:
@@ -186,6 +193,29 @@ class UniARPolicy(nn.Module):
         h = self.visual_stack(h, cos, sin, mask)
         # The state at position j predicts token j+1: <|vision_start|> (p-1) and image positions 0..N-2.
         return self.head_logits(h[:, p - 1: p + n - 1])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # understanding (spec §6): see uniar_ray/model/understanding.py
+    # ------------------------------------------------------------------------------------------------------------
+
+    def text_logits(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, image_bits=None):
+        """Logits [B, S, vocab] of the text forward (the reference's ``forward(is_vistok_pred=False)``).
+
+        input_ids/attention_mask [B, S] left-padded, ``<|image_pad|>`` expanded per merged patch; images as
+        pixel_values [n_patches, C*T*P*P] + image_grid_thw [I, 3] (Qwen2-VL image processor layout) or as
+        image_bits [n_image_tokens, L, U, D] + image_grid_thw.
+        """
+        return understanding.text_logits(self, input_ids, attention_mask, pixel_values, image_grid_thw, image_bits)
+
+    def generate_text(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, max_new_tokens=1024,
+                      do_sample=False, temperature=1.0, seed=None, image_bits=None, eos_token_ids=None,
+                      pad_token_id=None) -> torch.Tensor:
+        """New token ids [B, T], KV-cached; each row stops after its first EOS, padded after (inputs as text_logits).
+
+        Greedy by default (as the reference's chat); do_sample draws from softmax(logits / temperature), seeded.
+        """
+        return understanding.generate_text(self, input_ids, attention_mask, pixel_values, image_grid_thw, image_bits,
+                                           max_new_tokens, do_sample, temperature, seed, eos_token_ids, pad_token_id)
 
 
 def attention_mask_4d(key_valid: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ CPU backend can run it too. ``write_tiny_checkpoint`` saves through the same for
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +17,15 @@ from .configuration import TextConfig, UniARConfig, VisionConfig
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 IMAGE_GEN_TOKEN = "<image_gen>"
+
+# What Qwen3-VL's template renders for plain messages (no default system prompt; an image item becomes
+# <|vision_start|><|image_pad|><|vision_end|>, which the processor expands per merged patch).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 # Prompts in the shipped RL/eval files are English; the byte-level BPE still encodes any text.
 _CORPUS = [
@@ -64,6 +74,7 @@ def build_tokenizer():
                                    padding_side="left")
     fast.add_tokens([IMAGE_GEN_TOKEN])
     fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
@@ -83,6 +94,8 @@ def build_tiny_policy(seed: int = 0, config: UniARConfig | None = None, dtype: t
     policy = UniARPolicy(cfg)
     _init_weights(policy, gen)
     policy.tokenizer = tokenizer
+    end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    policy.generation_config = {"eos_token_id": [end, pad], "pad_token_id": pad}  # as Qwen3-VL's
     return policy.to(dtype).eval()
 
 
@@ -102,5 +115,18 @@ def _init_weights(module: nn.Module, gen: torch.Generator, std: float = 0.05) ->
 def write_tiny_checkpoint(folder: str | Path, seed: int = 0, config: UniARConfig | None = None) -> Path:
     """Save a tiny AR model like a published ``ar_model`` folder (config.json, safetensors, tokenizer files)."""
     folder = Path(folder)
-    build_tiny_policy(seed, config).save_pretrained(folder)
+    policy = build_tiny_policy(seed, config)
+    policy.save_pretrained(folder)
+    write_preprocessor_config(folder, policy.config.vision_config)
     return folder
+
+
+def write_preprocessor_config(folder: Path, vision, min_pixels: int = 64 * 64, max_pixels: int = 256 * 256) -> None:
+    """The Qwen2-VL image processor settings for the model's vision tower (Qwen3-VL's mean/std 0.5); the pixel
+    budget is small so the tiny model answers about any picture in milliseconds."""
+    cfg = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+           "patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+           "merge_size": vision.spatial_merge_size, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+           "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+           "do_convert_rgb": True, "resample": 3, "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}}
+    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))

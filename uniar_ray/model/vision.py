@@ -95,6 +95,7 @@ class VisionAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.impl = "sdpa"  # UniARPolicy.set_attn_impl switches it with the text layers
 
     def forward(self, x, cos, sin, sizes: list[int]):
         n = x.shape[0]
@@ -104,10 +105,17 @@ class VisionAttention(nn.Module):
         q = (q.float() * c + _rotate_half(q.float()) * s).to(dtype)
         k = (k.float() * c + _rotate_half(k.float()) * s).to(dtype)
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, head_dim]
-        outs = [F.scaled_dot_product_attention(qi, ki, vi)
-                for qi, ki, vi in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2))]
+        attend = _eager_attention if self.impl == "eager" else F.scaled_dot_product_attention
+        outs = [attend(qi, ki, vi) for qi, ki, vi in zip(q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2))]
         out = torch.cat(outs, dim=2)[0]  # [heads, n, head_dim]
         return self.proj(out.transpose(0, 1).reshape(n, -1))
+
+
+def _eager_attention(q, k, v):
+    """transformers' eager attention, rounding included (scores * scale, fp32 softmax cast back): the reference's
+    chat.py runs the vision tower with it on CPU."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _rotate_half(x):
@@ -243,7 +251,10 @@ class VisionModel(nn.Module):
             rc = torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1)
             coords.append(rc.repeat(t, 1))
         coords = torch.cat(coords).to(self.rotary_inv_freq.device)
-        freqs = coords[..., None].float() * self.rotary_inv_freq  # [n, 2, dim/4]
+        # With table_rounding (a model cast by .to(bf16), as the reference's chat.py and GRPO trainer do) transformers
+        # builds the position x frequency table, and cos/sin of it, in that dtype too: so do we.
+        dt = self.table_rounding or torch.float32
+        freqs = coords[..., None].to(dt) * self.rotary_inv_freq.to(dt)  # [n, 2, dim/4]
         emb = freqs.flatten(1)
         emb = torch.cat((emb, emb), dim=-1)
         return emb.cos(), emb.sin()
