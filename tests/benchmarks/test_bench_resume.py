@@ -8,7 +8,8 @@ from PIL import Image
 import benchmarks
 from benchmarks.common import read_prompts
 
-FILES = {"geneval": "geneval.jsonl", "oneig": "oneig.jsonl", "longtext": "longtext.jsonl", "imgedit": "imgedit.jsonl"}
+FILES = {"geneval": "geneval.jsonl", "oneig": "oneig.jsonl", "longtext": "longtext.jsonl", "imgedit": "imgedit.jsonl",
+         "custom": "longtext.jsonl"}  # custom: any prompt file
 
 
 class Killed(Exception):
