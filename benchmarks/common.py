@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Protocol
 from PIL import Image
 
 from uniar_ray.data import BadLine  # one record for a reported bad line, shared with the RL data reader
+from uniar_ray.paths import PathOutsideRoot, inside_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_NAME = re.compile(r"^(\d{4})\.png$")
@@ -292,7 +293,10 @@ def iter_unified(src: str | Path) -> Iterator[tuple[PromptRecord, dict[int, Path
         if samples_dir.is_dir():
             for p in samples_dir.iterdir():
                 if m := SAMPLE_NAME.match(p.name):
-                    samples[int(m.group(1))] = p
+                    try:  # a symlinked sample must not pull a file from elsewhere into an official layout
+                        samples[int(m.group(1))] = inside_root(src, str(p.relative_to(src)), f"{src}: sample")
+                    except PathOutsideRoot as e:
+                        raise PromptFileError(str(e)) from None
         yield record, dict(sorted(samples.items()))
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import yaml
 
+from uniar_ray.paths import PathOutsideRoot, inside_root
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -195,14 +196,17 @@ def sample_count(value: Any, total: int, where: str = "sampled_ratio") -> tuple[
     return min(int(value), total), False
 
 
-def resolve_json_path(json_path: str, yaml_dir: Path) -> Path:
-    """An entry's ``json_path``: absolute as is; relative against the YAML's folder, then the YAML's folder + the
-    file name (the reference writes ``data/rl_demo/x.jsonl`` relative to its repository root)."""
+def resolve_json_path(json_path: str, yaml_dir: Path, where: str = "json_path") -> Path:
+    """An entry's ``json_path``, inside the YAML's folder: relative to it, then the YAML's folder + the file name
+    (the reference writes ``data/rl_demo/x.jsonl`` relative to its repository root). Absolute paths, ``..`` and
+    symlinks out of the folder are errors: a mix names files beside it, never elsewhere on the machine."""
     p = Path(json_path)
-    if p.is_absolute():
-        candidates = [p]
-    else:
-        candidates = [yaml_dir / p, yaml_dir / p.name]
+    try:
+        candidates = [inside_root(yaml_dir, json_path, where)]
+        if p.name != json_path:
+            candidates.append(inside_root(yaml_dir, p.name, where))
+    except PathOutsideRoot as e:
+        raise DataError(str(e)) from None
     for c in candidates:
         if c.is_file():
             return c
@@ -247,7 +251,7 @@ def load_mix(
                 raise DataError(f"{where}: '{key}' is missing")
         if not isinstance(entry["json_path"], str):
             raise DataError(f"{where}: json_path must be a string, got {entry['json_path']!r}")
-        path = resolve_json_path(entry["json_path"], yaml_path.parent)
+        path = resolve_json_path(entry["json_path"], yaml_path.parent, f"{where}.json_path")
         name = str(entry.get("name") or path.stem)
         items = read_jsonl(path, prompt_key, source=name, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
         count, keep_all = sample_count(entry["sampled_ratio"], len(items), f"{where}.sampled_ratio")
