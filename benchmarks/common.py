@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from PIL import Image
 
-from uniar_ray.data import BadLine  # one record for a reported bad line, shared with the RL data reader
+from uniar_ray.data import BadLine, decode_line  # one record for a reported bad line, shared with the RL data reader
 from uniar_ray.paths import PathOutsideRoot, inside_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -107,14 +107,19 @@ def iter_prompts(
     path = Path(path)
     seen: dict[int, int] = {}  # idx -> line, because a duplicate idx would overwrite another prompt's folder
     ordinal, kept = -1, 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    try:
+        f = open(path, "rb")  # bytes: a non-UTF-8 line is a bad line with its number, not a bare UnicodeDecodeError
+    except OSError as e:
+        raise PromptFileError(f"{path}: cannot read the prompt file ({e.strerror}); set benchmark.prompt_file") \
+            from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             # A skipped bad line still takes its ordinal, so fixing it later does not shift the others' folders.
             ordinal += 1
             try:
-                record = _parse_line(line, default_idx=ordinal)
+                record = _parse_line(decode_line(raw, lineno), default_idx=ordinal)
                 if record.idx in seen:
                     raise ValueError(f"duplicate idx {record.idx} (first on line {seen[record.idx]})")
             except ValueError as e:
@@ -129,6 +134,9 @@ def iter_prompts(
             yield record
             if limit is not None and kept >= limit:
                 return
+    if not kept:  # a run over no prompts would report itself complete
+        what = f"all {ordinal + 1} non-blank lines are bad" if ordinal >= 0 else "the file is empty"
+        raise PromptFileError(f"{path}: no prompts ({what}); a benchmark needs at least one prompt line")
 
 
 def _parse_line(line: str, default_idx: int) -> PromptRecord:

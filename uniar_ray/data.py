@@ -78,14 +78,15 @@ def read_jsonl(
     name = source if source is not None else path.stem
     records: list[PromptRecord] = []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # bytes: a non-UTF-8 line is a bad line with its number, not a bare UnicodeDecodeError
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
+                line = decode_line(raw, lineno)
                 records.append(parse_record(line, prompt_key, source=name, line=lineno))
             except ValueError as e:
                 bad = BadLine(str(path), lineno, str(e))
@@ -95,6 +96,16 @@ def read_jsonl(
                 if bad_lines is not None:
                     bad_lines.append(bad)
     return records
+
+
+def decode_line(raw: bytes, lineno: int) -> str:
+    """One line of a UTF-8 text file (a BOM on line 1 is dropped); ``ValueError`` naming the bad byte otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); save the "
+                         "file as UTF-8") from None
+    return text.removeprefix("\ufeff") if lineno == 1 else text
 
 
 def parse_record(text: str, prompt_key: str = "instruction", *, source: str = "", line: int = 0) -> PromptRecord:
