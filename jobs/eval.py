@@ -32,8 +32,11 @@ from benchmarks.common import (
     remove_stale_temps,
 )
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
+from uniar_ray.run_identity import claim_folder
 
 MAX_PRINTED_FAILURES = 20
+# What a run writes into out_dir: all of it, and only it, is deleted by overwrite=true.
+OUTPUTS = ("images", "config.json", "results.json", "summary.md", "preview.png", "geneval_results.jsonl")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -54,7 +57,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     """One eval run on an already started Ray: plan (resume), stream, then finalize, score and report."""
     plan = make_plan(cfg)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    (plan.out_dir / "config.json").write_text(json.dumps(plan.config_record(), indent=2) + "\n")
+    atomic_write_text(plan.out_dir / "config.json", json.dumps(plan.config_record(), indent=2) + "\n")
     stats = stream(plan) if plan.rows else {"seconds": 0.0, "startup_s": 0.0, "written": 0}
     return finish(plan, stats)
 
@@ -88,6 +91,7 @@ class Plan:
     out_dir: Path
     images_dir: Path  # the official layout; reports live beside it, never inside (LongText globs *.png there)
     writer: Any
+    identity: dict[str, Any]  # the settings that determine the files (config.json); see run_identity
     records: list[PromptRecord] = dataclasses.field(default_factory=list)
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     bad_lines: list[BadLine] = dataclasses.field(default_factory=list)
@@ -108,7 +112,7 @@ class Plan:
             print(f"[eval] {self.name} idx {idx}{'' if k is None else f' sample {k}'}: {error}", file=sys.stderr)
 
     def config_record(self) -> dict[str, Any]:
-        return {"config": to_dict(self.cfg), "settings": dataclasses.asdict(self.settings),
+        return {"identity": self.identity, "config": to_dict(self.cfg), "settings": dataclasses.asdict(self.settings),
                 "prompt_file": str(self.bench.prompt_file), "samples_per_prompt": self.bench.samples_per_prompt,
                 "model_root": str(self.model_root), "decoder_root": str(self.decoder_root)}
 
@@ -117,14 +121,38 @@ def make_plan(cfg: EvalConfig) -> Plan:
     bench = benchmarks.resolve(cfg.benchmark)
     root = model_root(cfg.model, cfg.tiny_cache)
     out_dir = Path(cfg.out_dir or f"runs/eval/{cfg.benchmark.name}").resolve()
+    identity = run_identity(cfg)
+    state = claim_folder(out_dir, identity, overwrite=cfg.overwrite, owned=OUTPUTS)
+    if state != "fresh":
+        print(f"[eval] {out_dir}: {'same settings, resuming' if state == 'resume' else 'overwrite=true: earlier '
+                                   'run with other settings deleted'}", file=sys.stderr)
     images_dir = out_dir / "images"
     if images_dir.is_dir():
         remove_stale_temps(images_dir)  # half-written files of a killed run
     plan = Plan(cfg, bench, resolve_settings(cfg.settings, bench.module.DEFAULTS), root,
                 Path(cfg.decoder.path).resolve() if cfg.decoder.path else root, out_dir, images_dir,
-                bench.writer(images_dir))
+                bench.writer(images_dir), identity)
     add_rows(plan)
     return plan
+
+
+def run_identity(cfg: EvalConfig) -> dict[str, Any]:
+    """The settings that determine an eval run's files. Batch sizes, actor counts, devices, the prompt limit,
+    scoring and reporting may change between a run and its resume; anything here may not."""
+    bench = benchmarks.resolve(cfg.benchmark)
+    settings = resolve_settings(cfg.settings, bench.module.DEFAULTS)
+    tiny = cfg.model.path == "tiny"
+    return {
+        "benchmark.name": cfg.benchmark.name, "benchmark.prompt_file": str(bench.prompt_file.resolve()),
+        "benchmark.samples_per_prompt": bench.samples_per_prompt,
+        "benchmark.image_root": str(bench.image_root.resolve()) if bench.image_root else None,
+        "benchmark.model_name": cfg.benchmark.model_name, "benchmark.pad_missing": cfg.benchmark.pad_missing,
+        "model.path": "tiny" if tiny else str(Path(cfg.model.path).resolve()), "model.dtype": cfg.model.dtype,
+        "model.tiny_seed": cfg.model.tiny_seed if tiny else None,
+        "decoder.path": str(Path(cfg.decoder.path).resolve()) if cfg.decoder.path else "(model.path)",
+        "decoder.dtype": cfg.decoder.dtype, "rollout.backend": cfg.rollout.backend,
+        **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()},
+    }
 
 
 def resolve_settings(s: EvalSettings, d: Any) -> EvalSettings:

@@ -708,6 +708,9 @@ class EvalConfig:
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     batch_size: int = 8  # rows per Ray Data batch (one generation call, one decoder call)
     out_dir: str = ""  # "" = runs/eval/<benchmark>
+    # out_dir holds a run with other settings (its config.json identity differs): false = refuse, naming the keys;
+    # true = delete that run's images and reports, then start over. The same settings always resume.
+    overwrite: bool = False
     tiny_cache: str = "runs/.tiny_checkpoint"  # model.path=tiny: the four-folder tiny checkpoint, written once
     preview_prompts: int = 8  # prompts in preview.png
     progress: bool = True  # tqdm bar (images done, images/s)
@@ -731,6 +734,7 @@ class SweepConfig:
     eval_config: str = "configs/eval/{benchmark}.yaml"
     overrides: list[str] = dataclasses.field(default_factory=list)
     out_dir: str = "runs/sweep"
+    overwrite: bool = False  # a cell folder made with other settings: false = refuse; true = clear it (see EvalConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
     def __post_init__(self):
