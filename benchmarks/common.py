@@ -125,7 +125,8 @@ def iter_prompts(
             except ValueError as e:
                 bad = BadLine(str(path), lineno, str(e))
                 if not skip_bad:
-                    raise PromptFileError(str(bad)) from None
+                    raise PromptFileError(f"{bad} (benchmark.skip_bad_lines=true reports such lines and goes on)") \
+                        from None
                 if bad_lines is not None:
                     bad_lines.append(bad)
                 continue

@@ -25,13 +25,14 @@ import benchmarks
 from benchmarks import report
 from benchmarks.common import (
     BadLine,
-    PromptFileError,
     PromptRecord,
     atomic_write_text,
     iter_prompts,
     remove_stale_temps,
 )
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
+from uniar_ray.limits import LimitError, ModelLimits, fit_prompt
+from uniar_ray.model.loading import check_weight_files
 from uniar_ray.run_identity import claim_folder
 
 MAX_PRINTED_FAILURES = 20
@@ -41,9 +42,10 @@ OUTPUTS = ("images", "config.json", "results.json", "summary.md", "preview.png",
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(EvalConfig, argv, default_config="configs/eval/quick_tiny.yaml")
+    plan = make_plan(cfg)  # before Ray: the folder's identity, model files, prompts and limits fail fast
     started = start_ray(cfg)
     try:
-        results = run(cfg)
+        results = run(cfg, plan)
     finally:
         if started:
             import ray
@@ -53,9 +55,9 @@ def main(argv: list[str] | None = None) -> Path:
     return Path(results["out_dir"])
 
 
-def run(cfg: EvalConfig) -> dict[str, Any]:
+def run(cfg: EvalConfig, plan: "Plan | None" = None) -> dict[str, Any]:
     """One eval run on an already started Ray: plan (resume), stream, then finalize, score and report."""
-    plan = make_plan(cfg)
+    plan = plan or make_plan(cfg)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan.out_dir / "config.json", json.dumps(plan.config_record(), indent=2) + "\n")
     stats = stream(plan) if plan.rows else {"seconds": 0.0, "startup_s": 0.0, "written": 0}
@@ -97,6 +99,7 @@ class Plan:
     bad_lines: list[BadLine] = dataclasses.field(default_factory=list)
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     already_done: int = 0
+    truncated: list[int] = dataclasses.field(default_factory=list)  # idx of prompts cut to max_prompt_tokens
 
     @property
     def name(self) -> str:
@@ -124,15 +127,21 @@ def make_plan(cfg: EvalConfig) -> Plan:
     identity = run_identity(cfg)
     state = claim_folder(out_dir, identity, overwrite=cfg.overwrite, owned=OUTPUTS)
     if state != "fresh":
-        print(f"[eval] {out_dir}: {'same settings, resuming' if state == 'resume' else 'overwrite=true: earlier '
-                                   'run with other settings deleted'}", file=sys.stderr)
+        said = "same settings, resuming" if state == "resume" else "overwrite=true: the run with other settings deleted"
+        print(f"[eval] {out_dir}: {said}", file=sys.stderr)
     images_dir = out_dir / "images"
     if images_dir.is_dir():
         remove_stale_temps(images_dir)  # half-written files of a killed run
     plan = Plan(cfg, bench, resolve_settings(cfg.settings, bench.module.DEFAULTS), root,
                 Path(cfg.decoder.path).resolve() if cfg.decoder.path else root, out_dir, images_dir,
                 bench.writer(images_dir), identity)
-    add_rows(plan)
+    for folder in {plan.model_root, plan.decoder_root}:  # a truncated file fails here, not inside a Ray Data actor
+        check_weight_files(folder)
+    limits = ModelLimits.load(str(plan.model_root), plan.decoder_root)
+    add_rows(plan, limits)
+    s = plan.settings
+    limits.check_ar_size(s.ar_height, s.ar_width, s.upsampling_ratio, images=2 if plan.edit else 1,
+                         prompt_tokens=max((limits.count(r["prompt"]) for r in plan.rows), default=0))
     return plan
 
 
@@ -170,28 +179,46 @@ def sample_seed(settings: EvalSettings, idx: int, k: int, samples_per_prompt: in
     return settings.seed + idx * samples_per_prompt + k
 
 
-def add_rows(plan: Plan) -> None:
-    """One row per (prompt, sample) whose output is missing; records with a missing input image are reported."""
-    b = plan.bench
+def add_rows(plan: Plan, limits: ModelLimits) -> None:
+    """One row per (prompt, sample) whose output is missing; records with a missing, oversized or out-of-root input
+    image are reported; prompts over benchmark.max_prompt_tokens are truncated (and counted) or refused."""
+    b, bc = plan.bench, plan.cfg.benchmark
     records = iter_prompts(b.prompt_file, skip_bad=b.skip_bad_lines, limit=b.limit, bad_lines=plan.bad_lines)
+    refused = []
     for record in records:
         plan.records.append(record)
         pending = plan.writer.pending(record)
         plan.already_done += b.samples_per_prompt - len(pending)
         if not pending:
             continue
+        try:
+            prompt, n = fit_prompt(limits.tokenizer, record.prompt, bc.max_prompt_tokens, bc.prompt_overflow,
+                                   f"{b.prompt_file} idx {record.idx}", "benchmark.max_prompt_tokens")
+        except LimitError as e:
+            refused.append(str(e))
+            continue
+        if n > bc.max_prompt_tokens > 0:
+            plan.truncated.append(record.idx)
         image_path = ""
         if plan.edit:
-            problems = b.module.check_inputs([record], b.image_root)
+            problems = b.module.check_inputs([record], b.image_root, bc.max_input_image_pixels,
+                                             bc.max_input_image_bytes)
             if problems:
                 plan.fail(record.idx, None, problems[0])
                 continue
             image_path = str(b.module.input_image_path(record, b.image_root).resolve())
         for k in pending:
-            plan.rows.append({"idx": record.idx, "k": k, "prompt": record.prompt, "image_path": image_path,
+            plan.rows.append({"idx": record.idx, "k": k, "prompt": prompt, "image_path": image_path,
                               "seed": sample_seed(plan.settings, record.idx, k, b.samples_per_prompt), "error": ""})
     for bad in plan.bad_lines:
         print(f"[eval] skipped malformed prompt line {bad}", file=sys.stderr)
+    if refused:
+        more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
+        raise LimitError("\n".join(refused[:5]) + more)
+    if plan.truncated:
+        print(f"[eval] {len(plan.truncated)} prompts over benchmark.max_prompt_tokens={bc.max_prompt_tokens} were "
+              f"truncated to it (idx {', '.join(map(str, plan.truncated[:10]))}{' ...' if len(plan.truncated) > 10 else ''}); "
+              "benchmark.prompt_overflow=error refuses them instead", file=sys.stderr)
 
 
 def model_root(model: ModelConfig, tiny_cache: str) -> Path:
@@ -388,6 +415,7 @@ def finish(plan: Plan, stats: dict[str, float]) -> dict[str, Any]:
         "complete": layout.ok and not plan.failures and not incomplete,
         "prompts": len(plan.records), "samples_expected": expected, "samples_already_there": plan.already_done,
         "samples_written": stats["written"], "samples_failed": len(plan.failures), "bad_lines": len(plan.bad_lines),
+        "prompts_truncated": len(plan.truncated),
         "seconds": round(stats["seconds"], 3), "startup_s": round(stats["startup_s"], 3),
         "images_per_s": round(stats.get("images_per_s", 0.0), 4),
         "steady_images_per_s": _round(stats.get("steady_images_per_s")),
@@ -502,13 +530,6 @@ def score_geneval(plan: Plan) -> dict[str, Any]:
     return {"scored": True, "score": summary["overall"], "detector": sc.geneval_detector, **summary}
 
 
-def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except PromptFileError as e:  # a malformed line, named with its line number: no traceback needed
-        sys.exit(f"[eval] {e} (benchmark.skip_bad_lines=true reports such lines and goes on)")
-
-
 def _read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -519,4 +540,6 @@ def _read_rgb(path: Path) -> np.ndarray:
 if __name__ == "__main__":
     from jobs import eval as job  # the stage classes then pickle by reference to jobs.eval, not by value
 
-    job.cli()
+    from jobs import entry
+
+    entry.run(job.main, "eval")

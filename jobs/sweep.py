@@ -153,4 +153,6 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
 if __name__ == "__main__":
     from jobs import sweep as job  # run as jobs.sweep, so eval's stage classes pickle by reference
 
-    job.main()
+    from jobs import entry
+
+    entry.run(job.main, "sweep")

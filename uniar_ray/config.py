@@ -399,9 +399,19 @@ class BenchmarkConfig:
     image_root: str = ""  # edit benchmarks: folder holding meta.input_image paths
     model_name: str = "uniar"  # oneig: the <model> folder under text/
     pad_missing: bool = False  # oneig: pad a prompt with missing samples with exactly-black tiles
+    # Limits checked before any work is queued. A longer prompt is cut to its first max_prompt_tokens tokens
+    # (truncate: the reference's max_prompt_length 1024) or refused (error); 0 = no limit.
+    max_prompt_tokens: int = 1024
+    prompt_overflow: str = "truncate"  # truncate | error
+    max_input_image_pixels: int = 4096 * 4096  # edit inputs over this (from the header) fail for their record only
+    max_input_image_bytes: int = 32 * 2**20
 
     def __post_init__(self):
         _check_choice("benchmark.name", self.name, BENCHMARK_NAMES)
+        _check_choice("benchmark.prompt_overflow", self.prompt_overflow, ("truncate", "error"))
+        if min(self.max_prompt_tokens, self.max_input_image_pixels, self.max_input_image_bytes) < 0:
+            raise ConfigError("benchmark: max_prompt_tokens, max_input_image_pixels and max_input_image_bytes must "
+                              "be >= 0 (0 = no limit)")
         if self.limit < 0 or self.samples_per_prompt < 0:
             raise ConfigError("benchmark: limit and samples_per_prompt must be >= 0 (0 = default)")
         if not self.model_name or "/" in self.model_name:
@@ -525,8 +535,13 @@ class DataConfig:
     seed: int = 42  # mix sampling and the per-epoch prompt order
     shuffle: bool = True  # the reference's shuffle_dataset
     skip_bad_lines: bool = False  # log, count and skip malformed lines instead of failing
+    max_prompt_tokens: int = 1024  # the reference's max_prompt_length; 0 = no limit
+    prompt_overflow: str = "truncate"  # a longer prompt: truncate (to its first max_prompt_tokens tokens) | error
 
     def __post_init__(self):
+        _check_choice("data.prompt_overflow", self.prompt_overflow, ("truncate", "error"))
+        if self.max_prompt_tokens < 0:
+            raise ConfigError(f"data.max_prompt_tokens={self.max_prompt_tokens}: must be >= 0 (0 = no limit)")
         if not self.path.endswith((".jsonl", ".yaml", ".yml")):
             raise ConfigError(f"data.path={self.path!r}: must end in .jsonl (records) or .yaml/.yml (a mix)")
         if not self.prompt_key:
