@@ -58,29 +58,27 @@ def user_message(e: BaseException) -> str | None:
     """The message of the user error behind ``e``, also when Ray wrapped it (an actor's or a Ray Data stage's
     exception arrives as RayTaskError / ActorDiedError / UserCodeException); None when it is not a user error."""
     types = user_error_types()
-    seen = set()
+    seen, texts = set(), []
     todo = [e]
     while todo:
         err = todo.pop(0)
         if err is None or id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, types) and not _is_ray_error(err):
+        if _is_ray_error(err):
+            texts.append(str(err))
+        elif isinstance(err, types):
             return _describe(err)
         todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
     # An actor that died in its constructor keeps only the text of the cause: find its last "Type: message" line.
     names = "|".join(t.__name__ for t in types)
-    lines = re.findall(rf"^(?:\S+\.)?({names}): (.+)$", _ray_text(e), flags=re.MULTILINE)
+    lines = re.findall(rf"^(?:\S+\.)?({names}): (.+)$", "\n".join(texts), flags=re.MULTILINE)
     return lines[-1][1] if lines else None
 
 
 def _is_ray_error(err: BaseException) -> bool:
     # RayTaskError subclasses the cause's type (as_instanceof_cause): its str() is the whole remote traceback.
     return type(err).__module__.startswith("ray.")
-
-
-def _ray_text(e: BaseException) -> str:
-    return str(e) if any(_is_ray_error(x) for x in (e, e.__cause__, e.__context__) if x is not None) else ""
 
 
 def _describe(err: BaseException) -> str:
