@@ -83,7 +83,7 @@ def _is_ray_error(err: BaseException) -> bool:
 
 def _describe(err: BaseException) -> str:
     """OSErrors carry the path in ``filename``: name it and say what to do."""
-    if isinstance(err, OSError) and err.filename and str(err.filename) not in str(err.args[-1] if err.args else ""):
+    if isinstance(err, OSError) and err.filename and err.strerror:
         hint = "check the file's permissions" if isinstance(err, PermissionError) else "check the path"
         return f"{err.filename}: {err.strerror or err}; {hint}"
     if isinstance(err, UnicodeDecodeError):

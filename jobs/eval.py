@@ -135,14 +135,25 @@ def make_plan(cfg: EvalConfig) -> Plan:
     plan = Plan(cfg, bench, resolve_settings(cfg.settings, bench.module.DEFAULTS), root,
                 Path(cfg.decoder.path).resolve() if cfg.decoder.path else root, out_dir, images_dir,
                 bench.writer(images_dir), identity)
-    for folder in {plan.model_root, plan.decoder_root}:  # a truncated file fails here, not inside a Ray Data actor
+    from uniar_ray.decoder.loading import resolve_components  # diffusers: imported when a plan is made
+
+    resolve_components(plan.decoder_root)  # a missing decoder folder, a truncated file: here, not in a Ray actor
+    for folder in {plan.model_root, plan.decoder_root}:
         check_weight_files(folder)
+    check_writable(out_dir)
     limits = ModelLimits.load(str(plan.model_root), plan.decoder_root)
     add_rows(plan, limits)
     s = plan.settings
     limits.check_ar_size(s.ar_height, s.ar_width, s.upsampling_ratio, images=2 if plan.edit else 1,
                          prompt_tokens=max((limits.count(r["prompt"]) for r in plan.rows), default=0))
     return plan
+
+
+def check_writable(folder: Path) -> None:
+    """The nearest existing folder on the way to ``folder`` must be writable: found now, not after generating."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(13, f"cannot write there (out_dir={folder})", str(existing))
 
 
 def run_identity(cfg: EvalConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@ record, no traceback, and nothing written (every case here fails before Ray star
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -136,3 +137,32 @@ def test_ar_size_beyond_the_model_positions_is_refused_before_any_work(run_job, 
                                                          "settings.ar_width=4096"))
     assert code == 2 and "AR size 4096x4096 needs 16384 image tokens" in err and "max_position_embeddings" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_decoder_folder_missing_from_the_checkpoint(run_job, eval_argv, tmp_path, tiny_cache):
+    import shutil
+
+    cfg = load_config(EvalConfig, REPO / "configs/eval/quick_tiny.yaml", [f"tiny_cache={tiny_cache}"])
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(eval_job.model_root(cfg.model, cfg.tiny_cache), ckpt)
+    shutil.rmtree(ckpt / "sd3_pipeline")
+    code, err = run_job(eval_job.main, "eval", eval_argv("geneval", f"model.path={ckpt}"))
+    assert code == 2 and f"{ckpt}: no sd3_pipeline/ folder" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
+def test_unwritable_out_dir_is_found_before_any_work(run_job, eval_argv, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, err = run_job(eval_job.main, "eval", eval_argv("geneval", f"out_dir={locked / 'run'}"))
+    assert code == 2 and f"{locked}: cannot write there" in err and "check the file's permissions" in err
+
+
+def test_unwritable_out_dir_message(run_job, eval_argv, tmp_path, monkeypatch):
+    """The same case as root (which writes through permission bits): os.access says no."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and real_access(path, mode))
+    code, err = run_job(eval_job.main, "eval", eval_argv("geneval", f"out_dir={tmp_path / 'a' / 'b'}"))
+    assert code == 2
+    assert f"[eval] error: {tmp_path}: cannot write there (out_dir={tmp_path / 'a' / 'b'}); check the file's " \
+           "permissions" in err
