@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from PIL import Image
 
-from uniar_ray.data import BadLine, decode_line  # one record for a reported bad line, shared with the RL data reader
+from uniar_ray.data import BadLine, decode_line, iter_lines  # one record for a reported bad line, shared with the RL data reader
 from uniar_ray.paths import PathOutsideRoot, inside_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,18 +108,16 @@ def iter_prompts(
     seen: dict[int, int] = {}  # idx -> line, because a duplicate idx would overwrite another prompt's folder
     ordinal, kept = -1, 0
     try:
-        f = open(path, "rb")  # bytes: a non-UTF-8 line is a bad line with its number, not a bare UnicodeDecodeError
+        f = open(path, "rb")
     except OSError as e:
         raise PromptFileError(f"{path}: cannot read the prompt file ({e.strerror}); set benchmark.prompt_file") \
             from None
     with f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+        for lineno, raw in iter_lines(f):
             # A skipped bad line still takes its ordinal, so fixing it later does not shift the others' folders.
             ordinal += 1
             try:
-                record = _parse_line(decode_line(raw, lineno), default_idx=ordinal)
+                record = _parse_line(decode_line(raw), default_idx=ordinal)
                 if record.idx in seen:
                     raise ValueError(f"duplicate idx {record.idx} (first on line {seen[record.idx]})")
             except ValueError as e:

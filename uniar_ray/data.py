@@ -78,15 +78,13 @@ def read_jsonl(
     name = source if source is not None else path.stem
     records: list[PromptRecord] = []
     try:
-        f = open(path, "rb")  # bytes: a non-UTF-8 line is a bad line with its number, not a bare UnicodeDecodeError
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+        for lineno, raw in iter_lines(f):
             try:
-                line = decode_line(raw, lineno)
+                line = decode_line(raw)
                 records.append(parse_record(line, prompt_key, source=name, line=lineno))
             except ValueError as e:
                 bad = BadLine(str(path), lineno, str(e))
@@ -98,14 +96,23 @@ def read_jsonl(
     return records
 
 
-def decode_line(raw: bytes, lineno: int) -> str:
-    """One line of a UTF-8 text file (a BOM on line 1 is dropped); ``ValueError`` naming the bad byte otherwise."""
+def iter_lines(f: Any) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of the non-blank lines of a file opened in binary mode; a UTF-8 BOM is dropped.
+    Bytes, so that a line that is not UTF-8 becomes a bad line with its number (``decode_line``)."""
+    for lineno, raw in enumerate(f, start=1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        if raw.strip():
+            yield lineno, raw
+
+
+def decode_line(raw: bytes) -> str:
+    """One line as text; ``ValueError`` naming the first byte that is not UTF-8."""
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); save the "
                          "file as UTF-8") from None
-    return text.removeprefix("\ufeff") if lineno == 1 else text
 
 
 def parse_record(text: str, prompt_key: str = "instruction", *, source: str = "", line: int = 0) -> PromptRecord:
