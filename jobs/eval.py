@@ -33,7 +33,7 @@ from benchmarks.common import (
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
 from uniar_ray.limits import LimitError, ModelLimits, fit_prompt
 from uniar_ray.model.loading import check_weight_files
-from uniar_ray.run_identity import claim_folder
+from uniar_ray.run_identity import claim_folder, clear_outputs
 
 MAX_PRINTED_FAILURES = 20
 # What a run writes into out_dir: all of it, and only it, is deleted by overwrite=true.
@@ -125,12 +125,9 @@ def make_plan(cfg: EvalConfig) -> Plan:
     root = model_root(cfg.model, cfg.tiny_cache)
     out_dir = Path(cfg.out_dir or f"runs/eval/{cfg.benchmark.name}").resolve()
     identity = run_identity(cfg)
-    state = claim_folder(out_dir, identity, overwrite=cfg.overwrite, owned=OUTPUTS)
-    if state != "fresh":
-        said = "same settings, resuming" if state == "resume" else "overwrite=true: the run with other settings deleted"
-        print(f"[eval] {out_dir}: {said}", file=sys.stderr)
+    state = claim_folder(out_dir, identity, overwrite=cfg.overwrite)
     images_dir = out_dir / "images"
-    if images_dir.is_dir():
+    if images_dir.is_dir() and state == "resume":
         remove_stale_temps(images_dir)  # half-written files of a killed run
     plan = Plan(cfg, bench, resolve_settings(cfg.settings, bench.module.DEFAULTS), root,
                 Path(cfg.decoder.path).resolve() if cfg.decoder.path else root, out_dir, images_dir,
@@ -142,10 +139,15 @@ def make_plan(cfg: EvalConfig) -> Plan:
         check_weight_files(folder)
     check_writable(out_dir)
     limits = ModelLimits.load(str(plan.model_root), plan.decoder_root)
-    add_rows(plan, limits)
+    add_rows(plan, limits, start_over=state == "overwrite")
     s = plan.settings
     limits.check_ar_size(s.ar_height, s.ar_width, s.upsampling_ratio, images=2 if plan.edit else 1,
                          prompt_tokens=max((limits.count(r["prompt"]) for r in plan.rows), default=0))
+    if state == "overwrite":  # only now: a start refused by any check above leaves the old run as it was
+        clear_outputs(out_dir, OUTPUTS)
+    if state != "fresh":
+        said = "same settings, resuming" if state == "resume" else "overwrite=true: the run with other settings deleted"
+        print(f"[eval] {out_dir}: {said}", file=sys.stderr)
     return plan
 
 
@@ -157,8 +159,8 @@ def check_writable(folder: Path) -> None:
 
 
 def run_identity(cfg: EvalConfig) -> dict[str, Any]:
-    """The settings that determine an eval run's files. Batch sizes, actor counts, devices, the prompt limit,
-    scoring and reporting may change between a run and its resume; anything here may not."""
+    """The settings that determine an eval run's files. Batch sizes, actor counts, devices, benchmark.limit,
+    skip_bad_lines, scoring and reporting may change between a run and its resume; anything here may not."""
     bench = benchmarks.resolve(cfg.benchmark)
     settings = resolve_settings(cfg.settings, bench.module.DEFAULTS)
     tiny = cfg.model.path == "tiny"
@@ -167,6 +169,7 @@ def run_identity(cfg: EvalConfig) -> dict[str, Any]:
         "benchmark.samples_per_prompt": bench.samples_per_prompt,
         "benchmark.image_root": str(bench.image_root.resolve()) if bench.image_root else None,
         "benchmark.model_name": cfg.benchmark.model_name, "benchmark.pad_missing": cfg.benchmark.pad_missing,
+        "benchmark.max_prompt_tokens": cfg.benchmark.max_prompt_tokens,  # a truncated prompt is another image
         "model.path": "tiny" if tiny else str(Path(cfg.model.path).resolve()), "model.dtype": cfg.model.dtype,
         "model.tiny_seed": cfg.model.tiny_seed if tiny else None,
         "decoder.path": str(Path(cfg.decoder.path).resolve()) if cfg.decoder.path else "(model.path)",
@@ -190,15 +193,16 @@ def sample_seed(settings: EvalSettings, idx: int, k: int, samples_per_prompt: in
     return settings.seed + idx * samples_per_prompt + k
 
 
-def add_rows(plan: Plan, limits: ModelLimits) -> None:
+def add_rows(plan: Plan, limits: ModelLimits, start_over: bool = False) -> None:
     """One row per (prompt, sample) whose output is missing; records with a missing, oversized or out-of-root input
-    image are reported; prompts over benchmark.max_prompt_tokens are truncated (and counted) or refused."""
+    image are reported; prompts over benchmark.max_prompt_tokens are truncated (and counted) or refused.
+    ``start_over``: the outputs there are about to be cleared (overwrite), so every sample is pending."""
     b, bc = plan.bench, plan.cfg.benchmark
     records = iter_prompts(b.prompt_file, skip_bad=b.skip_bad_lines, limit=b.limit, bad_lines=plan.bad_lines)
     refused = []
     for record in records:
         plan.records.append(record)
-        pending = plan.writer.pending(record)
+        pending = list(range(b.samples_per_prompt)) if start_over else plan.writer.pending(record)
         plan.already_done += b.samples_per_prompt - len(pending)
         if not pending:
             continue
@@ -227,9 +231,9 @@ def add_rows(plan: Plan, limits: ModelLimits) -> None:
         more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
         raise LimitError("\n".join(refused[:5]) + more)
     if plan.truncated:
+        shown = ", ".join(map(str, plan.truncated[:10])) + (" ..." if len(plan.truncated) > 10 else "")
         print(f"[eval] {len(plan.truncated)} prompts over benchmark.max_prompt_tokens={bc.max_prompt_tokens} were "
-              f"truncated to it (idx {', '.join(map(str, plan.truncated[:10]))}{' ...' if len(plan.truncated) > 10 else ''}); "
-              "benchmark.prompt_overflow=error refuses them instead", file=sys.stderr)
+              f"truncated to it (idx {shown}); benchmark.prompt_overflow=error refuses them instead", file=sys.stderr)
 
 
 def model_root(model: ModelConfig, tiny_cache: str) -> Path:

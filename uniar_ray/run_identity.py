@@ -1,7 +1,8 @@
 """Run identity: the settings that determine an output folder's files, recorded in its config.json.
 
-``state = claim_folder(out_dir, identity, overwrite=cfg.overwrite, owned=("images", ...))`` before writing anything:
-the same identity resumes, another one is refused naming the differing keys, unless ``overwrite`` clears the folder.
+``state = claim_folder(out_dir, identity, overwrite=cfg.overwrite)`` before writing anything: the same identity
+resumes, another one is refused naming the differing keys; with ``overwrite`` it is "overwrite", and the caller runs
+``clear_outputs(out_dir, owned)`` once every other check has passed (a refused start never deletes a run).
 """
 from __future__ import annotations
 
@@ -43,12 +44,11 @@ def recorded_identity(folder: str | Path) -> dict[str, Any] | None:
     return identity if isinstance(identity, dict) else None
 
 
-def claim_folder(folder: str | Path, identity: dict[str, Any], *, overwrite: bool, owned: tuple[str, ...],
-                 what: str = "out_dir", option: str = "overwrite=true") -> str:
-    """May a run with ``identity`` write into ``folder``? Returns "fresh", "resume" or "overwritten".
-
-    ``owned`` are the entries the run writes (files or folders); only those are deleted on overwrite, so a folder
-    that is not a run folder (files, no config.json) is never cleared: it is refused either way."""
+def claim_folder(folder: str | Path, identity: dict[str, Any], *, overwrite: bool, what: str = "out_dir",
+                 option: str = "overwrite=true") -> str:
+    """May a run with ``identity`` write into ``folder``? Returns "fresh", "resume" or "overwrite" (a run with other
+    settings is there and ``overwrite`` asks to replace it). A folder that is not a run folder (files, no
+    config.json) is refused either way: it is never cleared."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunIdentityError(f"{what}={folder} is a file, not a folder: choose another {what}")
@@ -66,10 +66,14 @@ def claim_folder(folder: str | Path, identity: dict[str, Any], *, overwrite: boo
             f"{what}={folder} holds a run made with other settings ({'; '.join(changes)}). Resuming would mix its "
             f"files with new ones. Either choose a new {what}, or pass {option} to delete its outputs and start over "
             "(nothing was changed)")
+    return "overwrite"
+
+
+def clear_outputs(folder: str | Path, owned: tuple[str, ...]) -> None:
+    """Delete the entries a run writes (``owned``: files or folders) and nothing else."""
     for name in owned:
-        path = folder / name
+        path = Path(folder) / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    return "overwritten"

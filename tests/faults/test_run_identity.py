@@ -32,6 +32,7 @@ def first_run(eval_argv, *overrides):
     ("settings.num_inference_steps=3", "settings.num_inference_steps: 2 -> 3"),
     ("benchmark.samples_per_prompt=2", "benchmark.samples_per_prompt: 4 -> 2"),
     ("model.tiny_seed=1", "model.tiny_seed: 0 -> 1"),
+    ("benchmark.max_prompt_tokens=8", "benchmark.max_prompt_tokens: 1024 -> 8"),
 ])
 def test_rerun_with_other_settings_is_refused_and_changes_nothing(run_job, eval_argv, change, key):
     out = first_run(eval_argv)
@@ -50,6 +51,15 @@ def test_overwrite_really_clears_the_old_run_but_not_foreign_files(eval_argv):
     plan = eval_job.make_plan(cfg)
     assert sorted(tree(out)) == ["notes.txt"]  # the old image, config.json and results.json are gone
     assert len(plan.rows) == len(plan.records) * plan.bench.samples_per_prompt  # everything is generated anew
+
+
+def test_overwrite_refused_by_a_later_check_deletes_nothing(run_job, eval_argv):
+    out = first_run(eval_argv)
+    before = tree(out)
+    code, err = run_job(eval_job.main, "eval", eval_argv("longtext", "overwrite=true", "settings.ar_height=4096",
+                                                         "settings.ar_width=4096"))
+    assert code == 2 and "AR size 4096x4096" in err
+    assert tree(out) == before
 
 
 def test_same_identity_resumes_with_other_batch_sizes_and_actor_counts(eval_argv):
@@ -71,15 +81,15 @@ def test_a_folder_that_is_not_a_run_is_never_cleared(run_job, eval_argv, tmp_pat
 def test_identity_diff_and_claim_folder_states(tmp_path):
     assert identity_diff({"a": 1, "b": [1, 2]}, {"a": 1, "b": (1, 2)}) == []
     assert identity_diff({"a": 1}, {"a": 2, "c": None}) == ["a: 1 -> 2", "c: (none) -> null"]
-    assert claim_folder(tmp_path / "new", {"a": 1}, overwrite=False, owned=()) == "fresh"
+    assert claim_folder(tmp_path / "new", {"a": 1}, overwrite=False) == "fresh"
     write_bytes(tmp_path / "run" / "config.json", json.dumps({"identity": {"a": 1}}).encode())
-    assert claim_folder(tmp_path / "run", {"a": 1}, overwrite=False, owned=()) == "resume"
+    assert claim_folder(tmp_path / "run", {"a": 1}, overwrite=False) == "resume"
     write_bytes(tmp_path / "file", b"")
     with pytest.raises(RunIdentityError, match="is a file, not a folder"):
-        claim_folder(tmp_path / "file", {"a": 1}, overwrite=True, owned=())
+        claim_folder(tmp_path / "file", {"a": 1}, overwrite=True)
     write_bytes(tmp_path / "old" / "config.json", b"{}")  # a run from before identities were recorded
     with pytest.raises(RunIdentityError, match="config.json has no readable identity"):
-        claim_folder(tmp_path / "old", {"a": 1}, overwrite=False, owned=("config.json",))
+        claim_folder(tmp_path / "old", {"a": 1}, overwrite=False)
 
 
 def test_sweep_cell_with_other_settings_is_refused_not_reported_over_old_images(tmp_path, tiny_cache):
