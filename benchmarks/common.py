@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator, Protocol
 
 from PIL import Image
 
-from uniar_ray.data import BadLine, decode_line, iter_lines  # one record for a reported bad line, shared with the RL data reader
+# One record for a reported bad line and one line reader, shared with the RL data reader.
+from uniar_ray.data import BadLine, decode_line, iter_lines
 from uniar_ray.paths import PathOutsideRoot, inside_root
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -224,7 +224,8 @@ def _raise_with_source(e: ConfigError, prefix: str, where: str, from_cli: set[st
         if line.startswith(("command line: ", f"{where}: ")):
             lines.append(line)
             continue
-        named = {k for k in from_cli if k.startswith(prefix) and re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1])}\b", line)}
+        names = [k.rsplit(".", 1)[-1] for k in from_cli if k.startswith(prefix)]
+        named = any(re.search(rf"\b{re.escape(name)}\b", line) for name in names)
         lines.append(f"{'command line' if named else where}: {line}")
     raise ConfigError("\n".join(lines)) from None
 

@@ -100,12 +100,17 @@ def fit_prompt(tokenizer: Any, prompt: str, max_tokens: int, overflow: str, what
     return tokenizer.decode(ids[:max_tokens]), len(ids)
 
 
-def fit_prompts(records: list, cfg: Any) -> list:
-    """GRPO: every RL prompt within ``data.max_prompt_tokens`` (cut, counted and said, or refused with the records
-    named), and ``ar_height x ar_width`` within the model's positions and the decoder's grid. ``cfg`` is a
-    ``GRPORunConfig``; records are ``uniar_ray.data.PromptRecord``."""
+def check_grpo_inputs(records: list, cfg: Any) -> list:
+    """GRPO, before the first step: the model's and the decoder's weight files complete (named when not), every RL
+    prompt within ``data.max_prompt_tokens`` (cut, counted and said, or refused with the records named), and
+    ``ar_height x ar_width`` within the model's positions and the decoder's grid. ``cfg`` is a ``GRPORunConfig``;
+    records are ``uniar_ray.data.PromptRecord``; returns them, cut where needed."""
+    from uniar_ray.model.loading import check_weight_files
+
     d = cfg.data
     decoder_root = cfg.decoder.path if cfg.decoder.path != "tiny" else None
+    for folder in {p for p in (cfg.model.path, decoder_root) if p and p != "tiny"}:
+        check_weight_files(folder)
     limits = ModelLimits.load(cfg.model.path, decoder_root)
     out, cut, refused, longest = [], [], [], 0
     for r in records:

@@ -7,7 +7,7 @@ import pytest
 from jobs import grpo as grpo_job
 from uniar_ray.config import GRPORunConfig, load_config
 from uniar_ray.data import load_dataset
-from uniar_ray.limits import LimitError, fit_prompts
+from uniar_ray.limits import LimitError, check_grpo_inputs
 
 from faults_helpers import REPO
 
@@ -53,23 +53,36 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 def test_the_shipped_demo_config_passes_the_rules():
     cfg = load_config(GRPORunConfig, REPO / "configs/grpo_demo.yaml")
     records = load_dataset(cfg.data.path).records
-    assert fit_prompts(records, cfg) == records  # every demo prompt is far below 1024 tokens
+    assert check_grpo_inputs(records, cfg) == records  # every demo prompt is far below 1024 tokens
 
 
 def test_rl_prompts_over_the_limit_are_truncated_and_said_or_refused(capsys):
     cfg = load_config(GRPORunConfig, REPO / "configs/grpo_demo.yaml", ["data.max_prompt_tokens=4"])
     records = load_dataset(cfg.data.path).records
-    cut = fit_prompts(records, cfg)
+    cut = check_grpo_inputs(records, cfg)
     assert len(cut) == len(records) and all(len(c.prompt) < len(r.prompt) for c, r in zip(cut, records))
     assert "60 prompts over data.max_prompt_tokens=4 were truncated" in capsys.readouterr().out
     refuse = load_config(GRPORunConfig, REPO / "configs/grpo_demo.yaml",
                          ["data.max_prompt_tokens=4", "data.prompt_overflow=error"])
     with pytest.raises(LimitError, match=r"(?s)geneval number 0 \(line 1\): the prompt has \d+ tokens, over "
                                          r"data.max_prompt_tokens=4 .*\(and 55 more\)"):
-        fit_prompts(records, refuse)
+        check_grpo_inputs(records, refuse)
+
+
+def test_truncated_decoder_weights_are_named_before_the_first_step(tmp_path):
+    from uniar_ray.decoder.tiny import write_tiny_decoder_checkpoint
+    from uniar_ray.model.loading import CorruptWeightFile
+
+    root = tmp_path / "decoder"
+    write_tiny_decoder_checkpoint(root, seed=0)
+    weights = next((root / "sd3_transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = load_config(GRPORunConfig, REPO / "configs/grpo_demo.yaml", [f"decoder.path={root}"])
+    with pytest.raises(CorruptWeightFile, match=rf"{weights}: truncated \(\d+ bytes, its header needs \d+\)"):
+        check_grpo_inputs(load_dataset(cfg.data.path).records, cfg)
 
 
 def test_rl_ar_size_beyond_the_tiny_model_positions(tmp_path):
     cfg = load_config(GRPORunConfig, REPO / "configs/grpo_demo.yaml", ["ar_height=4096", "ar_width=4096"])
     with pytest.raises(LimitError, match="ar_height/ar_width: AR size 4096x4096 needs 16384 image tokens"):
-        fit_prompts(load_dataset(cfg.data.path).records, cfg)
+        check_grpo_inputs(load_dataset(cfg.data.path).records, cfg)
