@@ -25,6 +25,7 @@ import benchmarks
 from benchmarks import report
 from benchmarks.common import (
     BadLine,
+    PromptFileError,
     PromptRecord,
     atomic_write_text,
     iter_prompts,
@@ -202,7 +203,11 @@ def add_rows(plan: Plan, limits: ModelLimits, start_over: bool = False) -> None:
     refused = []
     for record in records:
         plan.records.append(record)
-        pending = list(range(b.samples_per_prompt)) if start_over else plan.writer.pending(record)
+        try:  # a record the layout cannot name (ImgEdit original_id, OneIG id) stops the run before any work
+            pending = list(range(b.samples_per_prompt)) if start_over else plan.writer.pending(record)
+            plan.writer.sample_paths(record)
+        except ValueError as e:
+            raise PromptFileError(f"{b.prompt_file}: {e}") from None
         plan.already_done += b.samples_per_prompt - len(pending)
         if not pending:
             continue

@@ -166,3 +166,17 @@ def test_unwritable_out_dir_message(run_job, eval_argv, tmp_path, monkeypatch):
     assert code == 2
     assert f"[eval] error: {tmp_path}: cannot write there (out_dir={tmp_path / 'a' / 'b'}); check the file's " \
            "permissions" in err
+
+
+@pytest.mark.parametrize("benchmark,meta,why", [
+    ("imgedit", {"input_image": "a.png", "metadata": {"original_id": "007"}}, "original_id must be an unpadded"),
+    ("oneig", {"id": 7, "category": "Text_Rendering"}, "meta.id must be a 3-digit string"),
+    ("oneig", {"id": "007", "category": "Cooking"}, "unknown category 'Cooking'"),
+])
+def test_a_record_the_layout_cannot_name_stops_the_run_naming_file_and_record(run_job, eval_argv, tmp_path,
+                                                                                 benchmark, meta, why):
+    path = write_bytes(tmp_path / "p.jsonl", (record(3, "a prompt", **meta) + "\n").encode())
+    code, err = run_job(eval_job.main, "eval", eval_argv(benchmark, f"benchmark.prompt_file={path}",
+                                                         f"benchmark.image_root={tmp_path}"))
+    assert code == 2 and f"{path}: {benchmark} record idx=3: " in err and why in err
+    assert not (tmp_path / "out").exists()
