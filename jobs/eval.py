@@ -44,7 +44,7 @@ OUTPUTS = ("images", "config.json", "results.json", "summary.md", "preview.png",
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(EvalConfig, argv, default_config="configs/eval/quick_tiny.yaml")
     plan = make_plan(cfg)  # before Ray: the folder's identity, model files, prompts and limits fail fast
-    started = start_ray(cfg)
+    started = start_ray(cfg) if plan.rows else False  # nothing to generate: no Ray needed
     try:
         results = run(cfg, plan)
     finally:
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> Path:
 
             ray.shutdown()
     print(results["out_dir"])
+    if results["samples_expected"] and not results["samples_written"] + results["samples_already_there"]:
+        first = "; ".join(f["error"] for f in results["failures"][:3])
+        raise SystemExit(f"[eval] no sample could be made ({results['samples_failed']} failed: {first}); see "
+                         f"{Path(results['out_dir']) / 'results.json'}")
     return Path(results["out_dir"])
 
 

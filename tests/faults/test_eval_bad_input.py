@@ -180,3 +180,15 @@ def test_a_record_the_layout_cannot_name_stops_the_run_naming_file_and_record(ru
                                                          f"benchmark.image_root={tmp_path}"))
     assert code == 2 and f"{path}: {benchmark} record idx=3: " in err and why in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_could_make_nothing_exits_non_zero(run_job, eval_argv, tmp_path):
+    lines = [record(i, "edit", input_image=f"missing/{i}.png", metadata={"original_id": str(i)}) for i in range(2)]
+    path = write_bytes(tmp_path / "p.jsonl", "\n".join(lines).encode())
+    code, err = run_job(eval_job.main, "eval", eval_argv("imgedit", f"benchmark.prompt_file={path}",
+                                                         f"benchmark.image_root={tmp_path / 'nowhere'}"))
+    assert code == "[eval] no sample could be made (2 failed: imgedit record idx=0: input image missing: " \
+                   f"{tmp_path / 'nowhere' / 'missing' / '0.png'}; imgedit record idx=1: input image missing: " \
+                   f"{tmp_path / 'nowhere' / 'missing' / '1.png'}); see {tmp_path / 'out' / 'results.json'}"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["complete"] is False and results["samples_failed"] == 2 and results["samples_written"] == 0
