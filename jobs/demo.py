@@ -19,10 +19,10 @@ from uniar_ray.visualize import bits_preview, captioned_grid
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(DemoConfig, argv, default_config="configs/demo.yaml")
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     s = cfg.sampling
     ModelLimits.load(cfg.model.path).check_ar_size(s.ar_height, s.ar_width, key="sampling.ar_height/ar_width")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     policy = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.device, cfg.model.tiny_seed)
     engine = TorchRolloutEngine(policy)
     requests = [GenerationRequest(p, s.ar_height, s.ar_width, seed=cfg.seed + i, temperature=s.temperature,
