@@ -12,9 +12,15 @@ from faults_helpers import REPO
 
 
 @pytest.fixture
-def run_job(capsys):
+def run_job(capsys, monkeypatch):
     """``code, err = run_job(jobs.eval.main, "eval", [...])``: through the shared wrapper, as ``python -m`` does."""
+    import logging
+
     from jobs import entry
+
+    # A library's log handler made under an earlier test's capture writes to that closed stream; logging would print
+    # "--- Logging error ---" with a traceback of its own into this test's stderr.
+    monkeypatch.setattr(logging, "raiseExceptions", False)
 
     def run(main, job: str, argv: list[str]) -> tuple[int, str]:
         with pytest.raises(SystemExit) as exit_info:
