@@ -69,7 +69,9 @@ def user_message(e: BaseException) -> str | None:
             texts.append(str(err))
         elif isinstance(err, types):
             return _describe(err)
-        todo += [getattr(err, "cause", None), err.__cause__, err.__context__]
+        # Ray's .cause and explicit ``raise ... from``; never __context__: a bug raised while handling a user error
+        # must keep its traceback.
+        todo += [getattr(err, "cause", None), err.__cause__]
     # An actor that died in its constructor keeps only the text of the cause: find its last "Type: message" line.
     names = "|".join(t.__name__ for t in types)
     lines = re.findall(rf"^(?:\S+\.)?({names}): (.+)$", "\n".join(texts), flags=re.MULTILINE)
@@ -85,7 +87,7 @@ def _describe(err: BaseException) -> str:
     """OSErrors carry the path in ``filename``: name it and say what to do."""
     if isinstance(err, OSError) and err.filename and err.strerror:
         hint = "check the file's permissions" if isinstance(err, PermissionError) else "check the path"
-        return f"{err.filename}: {err.strerror or err}; {hint}"
+        return f"{err.filename}: {err.strerror}; {hint}"
     if isinstance(err, UnicodeDecodeError):
         return f"{err}; save the file as UTF-8"
     return str(err)

@@ -36,6 +36,16 @@ def test_bugs_and_permission_problems():
     assert entry.user_message(denied) == "/data/prompts.jsonl: Permission denied; check the file's permissions"
 
 
+def test_a_bug_raised_while_handling_a_user_error_is_still_a_bug():
+    try:
+        try:
+            raise FileNotFoundError(2, "No such file or directory", "/x")
+        except FileNotFoundError:
+            {}["missing"]
+    except KeyError as e:
+        assert e.__context__ is not None and entry.user_message(e) is None
+
+
 def test_a_bug_keeps_its_traceback(capsys):
     def main(argv):
         return {}["missing"]
