@@ -152,6 +152,8 @@ def _parse_line(line: str, default_idx: int) -> PromptRecord:
     prompt = obj.pop("prompt", None)
     if not isinstance(prompt, str):
         raise ValueError(f"'prompt' must be a string, got {prompt!r}")
+    if not prompt.strip():  # "" is the unconditional CFG branch's prompt, never a record's
+        raise ValueError(f"'prompt' is blank ({prompt!r})")
     meta = obj.pop("meta", {})
     if not isinstance(meta, dict):
         raise ValueError(f"'meta' must be an object, got {type(meta).__name__}")

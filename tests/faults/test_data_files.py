@@ -44,3 +44,11 @@ def test_dev_null_and_a_binary_file(tmp_path):
         read_prompts(binary)
     with pytest.raises(PromptFileError, match="all 3 non-blank lines are bad"):  # split at \n only
         read_prompts(binary, skip_bad=True)
+
+
+def test_a_blank_prompt_is_a_bad_line_not_a_failed_generation(tmp_path):
+    path = write_bytes(tmp_path / "p.jsonl", b'{"idx": 0, "prompt": "a cat"}\n{"idx": 1, "prompt": "   "}\n')
+    with pytest.raises(PromptFileError, match=rf"{path}:2: 'prompt' is blank \('   '\)"):
+        read_prompts(path)
+    bad = []
+    assert [r.idx for r in read_prompts(path, skip_bad=True, bad_lines=bad)] == [0] and bad[0].line == 2
