@@ -16,7 +16,9 @@ from typing import Any, Callable, Iterator, Protocol
 from PIL import Image
 
 from uniar_ray import datasets
-from uniar_ray.data import BadLine  # one record for a reported bad line, shared with the RL data reader
+# One record for a reported bad line and one line reader, shared with the RL data reader.
+from uniar_ray.data import BadLine, decode_line, iter_lines
+from uniar_ray.paths import PathOutsideRoot, inside_root
 
 SAMPLE_NAME = re.compile(r"^(\d{4})\.png$")
 
@@ -101,20 +103,24 @@ def iter_prompts(
     path = Path(path)
     seen: dict[int, int] = {}  # idx -> line, because a duplicate idx would overwrite another prompt's folder
     ordinal, kept = -1, 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise PromptFileError(f"{path}: cannot read the prompt file ({e.strerror}); set benchmark.prompt_file") \
+            from None
+    with f:
+        for lineno, raw in iter_lines(f):
             # A skipped bad line still takes its ordinal, so fixing it later does not shift the others' folders.
             ordinal += 1
             try:
-                record = _parse_line(line, default_idx=ordinal)
+                record = _parse_line(decode_line(raw), default_idx=ordinal)
                 if record.idx in seen:
                     raise ValueError(f"duplicate idx {record.idx} (first on line {seen[record.idx]})")
             except ValueError as e:
                 bad = BadLine(str(path), lineno, str(e))
                 if not skip_bad:
-                    raise PromptFileError(str(bad)) from None
+                    raise PromptFileError(f"{bad} (benchmark.skip_bad_lines=true reports such lines and goes on)") \
+                        from None
                 if bad_lines is not None:
                     bad_lines.append(bad)
                 continue
@@ -123,6 +129,9 @@ def iter_prompts(
             yield record
             if limit is not None and kept >= limit:
                 return
+    if not kept:  # a run over no prompts would report itself complete
+        what = f"all {ordinal + 1} non-blank lines are bad" if ordinal >= 0 else "the file is empty"
+        raise PromptFileError(f"{path}: no prompts ({what}); a benchmark needs at least one prompt line")
 
 
 def _parse_line(line: str, default_idx: int) -> PromptRecord:
@@ -138,6 +147,8 @@ def _parse_line(line: str, default_idx: int) -> PromptRecord:
     prompt = obj.pop("prompt", None)
     if not isinstance(prompt, str):
         raise ValueError(f"'prompt' must be a string, got {prompt!r}")
+    if not prompt.strip():  # "" is the unconditional CFG branch's prompt, never a record's
+        raise ValueError(f"'prompt' is blank ({prompt!r})")
     meta = obj.pop("meta", {})
     if not isinstance(meta, dict):
         raise ValueError(f"'meta' must be an object, got {type(meta).__name__}")
@@ -287,7 +298,10 @@ def iter_unified(src: str | Path) -> Iterator[tuple[PromptRecord, dict[int, Path
         if samples_dir.is_dir():
             for p in samples_dir.iterdir():
                 if m := SAMPLE_NAME.match(p.name):
-                    samples[int(m.group(1))] = p
+                    try:  # a symlinked sample must not pull a file from elsewhere into an official layout
+                        samples[int(m.group(1))] = inside_root(src, str(p.relative_to(src)), f"{src}: sample")
+                    except PathOutsideRoot as e:
+                        raise PromptFileError(str(e)) from None
         yield record, dict(sorted(samples.items()))
 
 

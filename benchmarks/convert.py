@@ -1,6 +1,7 @@
 """Convert a unified-layout run (``<idx:05d>/metadata.json`` + ``samples/NNNN.png``) to a benchmark's official layout.
 
-``python -m benchmarks.convert --benchmark longtext --src runs/x/unified --dst runs/x/longtext``; exit 1 on problems.
+``python -m benchmarks.convert --benchmark longtext --src runs/x/unified --dst runs/x/longtext``; exit 1 on problems
+in the converted layout, 2 when the source cannot be read (the message names the file).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import benchmarks
-from benchmarks.common import remove_stale_temps
+from benchmarks.common import PromptFileError, remove_stale_temps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     samples = args.samples or module.DEFAULTS.samples_per_prompt
     if Path(args.dst).is_dir():
         remove_stale_temps(args.dst)  # left by a killed earlier conversion
-    report = module.convert(args.src, args.dst, samples_per_prompt=samples, model_name=args.model_name,
-                            pad_missing=args.pad_missing, basic_edit=args.basic_edit)
+    try:
+        report = module.convert(args.src, args.dst, samples_per_prompt=samples, model_name=args.model_name,
+                                pad_missing=args.pad_missing, basic_edit=args.basic_edit)
+    except (PromptFileError, FileNotFoundError, PermissionError) as e:  # the source run, named: no traceback
+        print(f"{args.benchmark}: error: {e}", file=sys.stderr)
+        return 2
     print(f"{args.benchmark}: {report}")
     return 0 if report.ok else 1
 

@@ -7,13 +7,14 @@ The image path is looked up as the reference does: ``meta[key]``, then ``meta.me
 """
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable
 
 from PIL import Image
 
 from benchmarks.common import BenchmarkDefaults, PromptRecord, Report, UnifiedWriter, iter_unified
-from benchmarks.imgedit import InputImageError
+from benchmarks.imgedit import InputImageError, size_problem
+from uniar_ray.paths import PathOutsideRoot, inside_root
 
 # inference/generate_batch.py's argument defaults: AR 512^2 x2.0, 4 samples, T 0.1, cfg 2.0, 28 steps at 1.5.
 DEFAULTS = BenchmarkDefaults(
@@ -42,14 +43,16 @@ def input_image_path(record: PromptRecord, root: str | Path, image_key: str) -> 
     if not isinstance(rel, str):
         raise InputImageError(f"record idx={record.idx}: no {image_key!r} path (looked in meta, meta.meta and the "
                               f"record's top level), got {rel!r}")
-    parts = PurePosixPath(rel).parts
-    if PurePosixPath(rel).is_absolute() or ".." in parts:  # a data file must not name files outside image_root
-        raise InputImageError(f"record idx={record.idx}: {image_key}={rel!r} must be a path inside image_root")
-    return Path(root) / rel
+    try:  # a data file must not name files outside image_root (absolute, '..', symlinks out)
+        return inside_root(root, rel, f"record idx={record.idx}: {image_key}")
+    except PathOutsideRoot as e:
+        raise InputImageError(str(e)) from None
 
 
-def check_inputs(records: Iterable[PromptRecord], root: str | Path, image_key: str) -> list[str]:
-    """One message per record whose input image cannot be found (checked before a run)."""
+def check_inputs(records: Iterable[PromptRecord], root: str | Path, max_pixels: int = 0, max_bytes: int = 0, *,
+                 image_key: str) -> list[str]:
+    """One message per record whose input image is missing, outside the root or over the size limits (checked
+    before a run, as ImgEdit's)."""
     problems = []
     for record in records:
         try:
@@ -59,6 +62,8 @@ def check_inputs(records: Iterable[PromptRecord], root: str | Path, image_key: s
             continue
         if not path.is_file():
             problems.append(f"record idx={record.idx}: input image missing: {path}")
+        elif problem := size_problem(path, max_pixels, max_bytes):
+            problems.append(f"record idx={record.idx}: input image {path}: {problem}")
     return problems
 
 

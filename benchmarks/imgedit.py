@@ -1,7 +1,8 @@
 """ImgEdit Basic-Bench: input images from ``image_root / meta.input_image``, flat ``<out>/{original_id}.png`` output,
 and the judge-reply aggregation of step1_get_avgscore.py / step2_typescore.py (the GPT-4o judging is not here).
 
-A missing or unreadable input image raises ``InputImageError`` for that record only; ``check_inputs`` lists them all.
+A missing, unreadable, oversized or out-of-root input image raises ``InputImageError`` for that record only;
+``check_inputs`` lists them all.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from benchmarks.common import (
     iter_unified,
 )
 from uniar_ray import datasets
+from uniar_ray.paths import PathOutsideRoot, inside_root
 
 # scripts/infer/run_imgedit.sh: AR 512^2 x2.0, 1 sample, T 0.1, cfg 2.0, image_key input_image.
 DEFAULTS = BenchmarkDefaults(
@@ -38,7 +40,8 @@ IMAGE_KEY = "input_image"
 
 
 class InputImageError(FileNotFoundError):
-    """The input image of one edit record is missing or unreadable; the message names the record and the path."""
+    """The input image of one edit record is missing, unreadable, too large or outside the image root; the message
+    names the record and the path."""
 
 
 def original_id(record: PromptRecord) -> str:
@@ -58,7 +61,10 @@ def input_image_path(record: PromptRecord, root: str | Path | None = None) -> Pa
     rel = record.meta.get(IMAGE_KEY)
     if not isinstance(rel, str) or not rel:
         raise InputImageError(f"imgedit record idx={record.idx}: meta has no {IMAGE_KEY!r} path")
-    return image_root(root) / rel  # folder names may hold spaces ('daily object'): keep Path, never split
+    try:  # folder names may hold spaces ('daily object'): keep Path, never split
+        return inside_root(image_root(root), rel, f"imgedit record idx={record.idx}: meta.{IMAGE_KEY}")
+    except PathOutsideRoot as e:
+        raise InputImageError(str(e)) from None
 
 
 def load_input_image(record: PromptRecord, root: str | Path | None = None,
@@ -83,8 +89,10 @@ def resize_to_ar(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image if image.size == tuple(size) else image.resize(tuple(size), Image.Resampling.BICUBIC)
 
 
-def check_inputs(records: Iterable[PromptRecord], root: str | Path | None = None) -> list[str]:
-    """One message per record whose input image is missing (cheap existence check, before a run)."""
+def check_inputs(records: Iterable[PromptRecord], root: str | Path | None = None, max_pixels: int = 0,
+                 max_bytes: int = 0) -> list[str]:
+    """One message per record whose input image is missing, outside the root, or over ``max_bytes`` / ``max_pixels``
+    (0 = no limit): cheap checks (file size, image header), before a run queues any work."""
     problems = []
     for record in records:
         try:
@@ -94,7 +102,26 @@ def check_inputs(records: Iterable[PromptRecord], root: str | Path | None = None
             continue
         if not path.is_file():
             problems.append(f"imgedit record idx={record.idx}: input image missing: {path}")
+        elif problem := size_problem(path, max_pixels, max_bytes):
+            problems.append(f"imgedit record idx={record.idx}: input image {path}: {problem}")
     return problems
+
+
+def size_problem(path: Path, max_pixels: int, max_bytes: int) -> str:
+    """Why an input image file is over the byte or pixel limit (0 = none), or '' (shared with custom)."""
+    size = path.stat().st_size
+    if max_bytes and size > max_bytes:
+        return f"{size} bytes, over benchmark.max_input_image_bytes={max_bytes}"
+    if not max_pixels:
+        return ""
+    try:  # the header only: a decompression bomb is refused before its pixels are decoded
+        with Image.open(path) as image:
+            w, h = image.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        return f"unreadable ({e})"
+    if w * h > max_pixels:
+        return f"{w}x{h} = {w * h} pixels, over benchmark.max_input_image_pixels={max_pixels}"
+    return ""
 
 
 class ImgEditWriter:

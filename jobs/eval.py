@@ -29,30 +29,39 @@ from benchmarks.common import (
     remove_stale_temps,
 )
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
+from uniar_ray.limits import LimitError, ModelLimits, fit_prompt
+from uniar_ray.model.loading import check_weight_files
+from uniar_ray.run_identity import claim_folder, clear_outputs
 
 MAX_PRINTED_FAILURES = 20
+# What a run writes into out_dir: all of it, and only it, is deleted by overwrite=true.
+OUTPUTS = ("images", "config.json", "results.json", "summary.md", "preview.png", "geneval_results.jsonl")
 
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(EvalConfig, argv, default_config="configs/eval/quick_tiny.yaml")
-    benchmarks.resolve(cfg.benchmark)  # missing data files are reported before Ray starts
-    started = start_ray(cfg)
+    plan = make_plan(cfg)  # before Ray: the folder's identity, model files, prompts and limits fail fast
+    started = start_ray(cfg) if plan.rows else False  # nothing to generate: no Ray needed
     try:
-        results = run(cfg)
+        results = run(cfg, plan)
     finally:
         if started:
             import ray
 
             ray.shutdown()
     print(results["out_dir"])
+    if results["samples_expected"] and not results["samples_written"] + results["samples_already_there"]:
+        first = "; ".join(f["error"] for f in results["failures"][:3])
+        raise SystemExit(f"[eval] no sample could be made ({results['samples_failed']} failed: {first}); see "
+                         f"{Path(results['out_dir']) / 'results.json'}")
     return Path(results["out_dir"])
 
 
-def run(cfg: EvalConfig) -> dict[str, Any]:
+def run(cfg: EvalConfig, plan: "Plan | None" = None) -> dict[str, Any]:
     """One eval run on an already started Ray: plan (resume), stream, then finalize, score and report."""
-    plan = make_plan(cfg)
+    plan = plan or make_plan(cfg)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    (plan.out_dir / "config.json").write_text(json.dumps(plan.config_record(), indent=2) + "\n")
+    atomic_write_text(plan.out_dir / "config.json", json.dumps(plan.config_record(), indent=2) + "\n")
     stats = stream(plan) if plan.rows else {"seconds": 0.0, "startup_s": 0.0, "written": 0}
     return finish(plan, stats)
 
@@ -86,11 +95,13 @@ class Plan:
     out_dir: Path
     images_dir: Path  # the official layout; reports live beside it, never inside (LongText globs *.png there)
     writer: Any
+    identity: dict[str, Any]  # the settings that determine the files (config.json); see run_identity
     records: list[PromptRecord] = dataclasses.field(default_factory=list)
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     bad_lines: list[BadLine] = dataclasses.field(default_factory=list)
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     already_done: int = 0
+    truncated: list[int] = dataclasses.field(default_factory=list)  # idx of prompts cut to max_prompt_tokens
 
     @property
     def name(self) -> str:
@@ -106,7 +117,7 @@ class Plan:
             print(f"[eval] {self.name} idx {idx}{'' if k is None else f' sample {k}'}: {error}", file=sys.stderr)
 
     def config_record(self) -> dict[str, Any]:
-        return {"config": to_dict(self.cfg), "settings": dataclasses.asdict(self.settings),
+        return {"identity": self.identity, "config": to_dict(self.cfg), "settings": dataclasses.asdict(self.settings),
                 "prompt_file": str(self.bench.prompt_file), "samples_per_prompt": self.bench.samples_per_prompt,
                 "model_root": str(self.model_root), "decoder_root": str(self.decoder_root)}
 
@@ -115,14 +126,58 @@ def make_plan(cfg: EvalConfig) -> Plan:
     bench = benchmarks.resolve(cfg.benchmark)
     root = model_root(cfg.model, cfg.tiny_cache)
     out_dir = Path(cfg.out_dir or f"runs/eval/{cfg.benchmark.name}").resolve()
+    identity = run_identity(cfg)
+    state = claim_folder(out_dir, identity, overwrite=cfg.overwrite)
     images_dir = out_dir / "images"
-    if images_dir.is_dir():
+    if images_dir.is_dir() and state == "resume":
         remove_stale_temps(images_dir)  # half-written files of a killed run
     plan = Plan(cfg, bench, resolve_settings(cfg.settings, bench.module.DEFAULTS), root,
                 Path(cfg.decoder.path).resolve() if cfg.decoder.path else root, out_dir, images_dir,
-                bench.writer(images_dir))
-    add_rows(plan)
+                bench.writer(images_dir), identity)
+    from uniar_ray.decoder.loading import resolve_components  # diffusers: imported when a plan is made
+
+    resolve_components(plan.decoder_root)  # a missing decoder folder, a truncated file: here, not in a Ray actor
+    for folder in {plan.model_root, plan.decoder_root}:
+        check_weight_files(folder)
+    check_writable(out_dir)
+    limits = ModelLimits.load(str(plan.model_root), plan.decoder_root)
+    add_rows(plan, limits, start_over=state == "overwrite")
+    s = plan.settings
+    limits.check_ar_size(s.ar_height, s.ar_width, s.upsampling_ratio, images=2 if plan.edit else 1,
+                         prompt_tokens=max((limits.count(r["prompt"]) for r in plan.rows), default=0))
+    if state == "overwrite":  # only now: a start refused by any check above leaves the old run as it was
+        clear_outputs(out_dir, OUTPUTS)
+    if state != "fresh":
+        said = "same settings, resuming" if state == "resume" else "overwrite=true: the run with other settings deleted"
+        print(f"[eval] {out_dir}: {said}", file=sys.stderr)
     return plan
+
+
+def check_writable(folder: Path) -> None:
+    """The nearest existing folder on the way to ``folder`` must be writable: found now, not after generating."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(13, f"cannot write there (out_dir={folder})", str(existing))
+
+
+def run_identity(cfg: EvalConfig) -> dict[str, Any]:
+    """The settings that determine an eval run's files. Batch sizes, actor counts, devices, benchmark.limit,
+    skip_bad_lines, scoring and reporting may change between a run and its resume; anything here may not."""
+    bench = benchmarks.resolve(cfg.benchmark)
+    settings = resolve_settings(cfg.settings, bench.module.DEFAULTS)
+    tiny = cfg.model.path == "tiny"
+    return {
+        "benchmark.name": cfg.benchmark.name, "benchmark.prompt_file": str(bench.prompt_file.resolve()),
+        "benchmark.samples_per_prompt": bench.samples_per_prompt,
+        "benchmark.image_root": str(bench.image_root.resolve()) if bench.image_root else None,
+        "benchmark.model_name": cfg.benchmark.model_name, "benchmark.pad_missing": cfg.benchmark.pad_missing,
+        "benchmark.max_prompt_tokens": cfg.benchmark.max_prompt_tokens,  # a truncated prompt is another image
+        "model.path": "tiny" if tiny else str(Path(cfg.model.path).resolve()), "model.dtype": cfg.model.dtype,
+        "model.tiny_seed": cfg.model.tiny_seed if tiny else None,
+        "decoder.path": str(Path(cfg.decoder.path).resolve()) if cfg.decoder.path else "(model.path)",
+        "decoder.dtype": cfg.decoder.dtype, "rollout.backend": cfg.rollout.backend,
+        **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()},
+    }
 
 
 def resolve_settings(s: EvalSettings, d: Any) -> EvalSettings:
@@ -140,28 +195,51 @@ def sample_seed(settings: EvalSettings, idx: int, k: int, samples_per_prompt: in
     return settings.seed + idx * samples_per_prompt + k
 
 
-def add_rows(plan: Plan) -> None:
-    """One row per (prompt, sample) whose output is missing; records with a missing input image are reported."""
-    b = plan.bench
+def add_rows(plan: Plan, limits: ModelLimits, start_over: bool = False) -> None:
+    """One row per (prompt, sample) whose output is missing; records with a missing, oversized or out-of-root input
+    image are reported; prompts over benchmark.max_prompt_tokens are truncated (and counted) or refused.
+    ``start_over``: the outputs there are about to be cleared (overwrite), so every sample is pending."""
+    b, bc = plan.bench, plan.cfg.benchmark
     records = iter_prompts(b.prompt_file, skip_bad=b.skip_bad_lines, limit=b.limit, bad_lines=plan.bad_lines)
+    refused = []
     for record in records:
         plan.records.append(record)
-        pending = plan.writer.pending(record)
+        try:  # a record the layout cannot name (ImgEdit original_id, OneIG id) stops the run before any work
+            pending = list(range(b.samples_per_prompt)) if start_over else plan.writer.pending(record)
+            plan.writer.sample_paths(record)
+        except ValueError as e:
+            raise PromptFileError(f"{b.prompt_file}: {e}") from None
         plan.already_done += b.samples_per_prompt - len(pending)
         if not pending:
             continue
+        try:
+            prompt, n = fit_prompt(limits.tokenizer, record.prompt, bc.max_prompt_tokens, bc.prompt_overflow,
+                                   f"{b.prompt_file} idx {record.idx}", "benchmark.max_prompt_tokens")
+        except LimitError as e:
+            refused.append(str(e))
+            continue
+        if n > bc.max_prompt_tokens > 0:
+            plan.truncated.append(record.idx)
         image_path = ""
         if plan.edit:
-            problems = b.module.check_inputs([record], b.image_root, **b.input_options)
+            problems = b.module.check_inputs([record], b.image_root, bc.max_input_image_pixels,
+                                             bc.max_input_image_bytes, **b.input_options)
             if problems:
                 plan.fail(record.idx, None, problems[0])
                 continue
             image_path = str(b.module.input_image_path(record, b.image_root, **b.input_options).resolve())
         for k in pending:
-            plan.rows.append({"idx": record.idx, "k": k, "prompt": record.prompt, "image_path": image_path,
+            plan.rows.append({"idx": record.idx, "k": k, "prompt": prompt, "image_path": image_path,
                               "seed": sample_seed(plan.settings, record.idx, k, b.samples_per_prompt), "error": ""})
     for bad in plan.bad_lines:
         print(f"[eval] skipped malformed prompt line {bad}", file=sys.stderr)
+    if refused:
+        more = f" (and {len(refused) - 5} more)" if len(refused) > 5 else ""
+        raise LimitError("\n".join(refused[:5]) + more)
+    if plan.truncated:
+        shown = ", ".join(map(str, plan.truncated[:10])) + (" ..." if len(plan.truncated) > 10 else "")
+        print(f"[eval] {len(plan.truncated)} prompts over benchmark.max_prompt_tokens={bc.max_prompt_tokens} were "
+              f"truncated to it (idx {shown}); benchmark.prompt_overflow=error refuses them instead", file=sys.stderr)
 
 
 def model_root(model: ModelConfig, tiny_cache: str) -> Path:
@@ -344,6 +422,7 @@ def finish(plan: Plan, stats: dict[str, float]) -> dict[str, Any]:
         "complete": layout.ok and not plan.failures and not incomplete,
         "prompts": len(plan.records), "samples_expected": expected, "samples_already_there": plan.already_done,
         "samples_written": stats["written"], "samples_failed": len(plan.failures), "bad_lines": len(plan.bad_lines),
+        "prompts_truncated": len(plan.truncated),
         "seconds": round(stats["seconds"], 3), "startup_s": round(stats["startup_s"], 3),
         "images_per_s": round(stats.get("images_per_s", 0.0), 4),
         "steady_images_per_s": _round(stats.get("steady_images_per_s")),
@@ -460,13 +539,6 @@ def score_geneval(plan: Plan) -> dict[str, Any]:
     return {"scored": True, "score": summary["overall"], "detector": sc.geneval_detector, **summary}
 
 
-def cli(argv: list[str] | None = None) -> None:
-    try:
-        main(argv)
-    except PromptFileError as e:  # a malformed line, named with its line number: no traceback needed
-        sys.exit(f"[eval] {e} (benchmark.skip_bad_lines=true reports such lines and goes on)")
-
-
 def _read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -477,4 +549,6 @@ def _read_rgb(path: Path) -> np.ndarray:
 if __name__ == "__main__":
     from jobs import eval as job  # the stage classes then pickle by reference to jobs.eval, not by value
 
-    job.cli()
+    from jobs import entry
+
+    entry.run(job.main, "eval")

@@ -18,6 +18,7 @@ import ray
 from uniar_ray import grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
 from uniar_ray.data import resolve_data_path
+from uniar_ray.limits import check_grpo_inputs
 from uniar_ray.rollout import GenerationRequest, Rollout
 from uniar_ray.runlog import RunDir, restore_rng
 
@@ -180,6 +181,7 @@ class Parts:
         self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps)
         d = cfg.data
         dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
+        dataset.records = check_grpo_inputs(dataset.records, cfg)  # model files, prompt and AR size limits
         print(f"[grpo] data: {dataset.summary()}", flush=True)
         self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
         self.metrics = _Metrics()
@@ -331,4 +333,6 @@ class _Metrics:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs import entry
+
+    entry.run(main, "grpo")

@@ -16,7 +16,8 @@ from typing import Any
 
 from benchmarks.common import atomic_write_text
 from jobs import eval as eval_job
-from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, SweepConfig, load_config, parse_cli, to_dict
+from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, SweepConfig, load_config, parse_cli
+from uniar_ray.run_identity import normalized, recorded_identity
 
 COLUMNS = ("checkpoint", "benchmark", "setting", "ar_size", "temperature", "cfg_scale", "decoder_steps", "score",
            "scored", "prompts", "samples_expected", "samples_failed", "complete", "seconds", "images_per_s", "run")
@@ -76,19 +77,20 @@ def eval_config(cfg: SweepConfig, name: str, model: ModelConfig, bench: str, set
             changed[f.name] = getattr(setting, f.name)
     out_dir = Path(cfg.out_dir).resolve() / name / bench / label(setting)
     return dataclasses.replace(run_cfg, model=model, settings=dataclasses.replace(run_cfg.settings, **changed),
-                               cluster=cfg.cluster, out_dir=str(out_dir), progress=False)
+                               cluster=cfg.cluster, out_dir=str(out_dir), progress=False, overwrite=cfg.overwrite)
 
 
 def finished(run_cfg: EvalConfig) -> dict[str, Any] | None:
-    """A complete earlier run with the same config (ignoring where Ray runs): its results, else None."""
+    """A complete earlier run with the same identity (batch sizes and actor counts may differ): its results, else
+    None. A cell made with other settings is not read back: ``eval_job.run`` refuses it, or clears it with
+    ``overwrite``."""
     out = Path(run_cfg.out_dir)
     try:
         results = json.loads((out / "results.json").read_text())
-        config = json.loads((out / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return None
-    wanted = to_dict(run_cfg)
-    same = all(config.get(k) == v for k, v in wanted.items() if k not in ("cluster", "progress"))
+    old = recorded_identity(out)
+    same = old is not None and normalized(old) == normalized(eval_job.run_identity(run_cfg))
     return results if same and results.get("complete") else None
 
 
@@ -151,4 +153,6 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
 if __name__ == "__main__":
     from jobs import sweep as job  # run as jobs.sweep, so eval's stage classes pickle by reference
 
-    job.main()
+    from jobs import entry
+
+    entry.run(job.main, "sweep")

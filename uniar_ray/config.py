@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -69,64 +71,169 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
 
 
+# Rules every field obeys by its type and name, in every config (GRPO, eval, sweep, demo): checked per key while a
+# file is loaded (so each problem names its key and source) and again on the built config (configs made in code).
+NON_NEGATIVE = ("num_cpus", "num_gpus", "num_threads", "delay_s", "vllm_kvcache_gib", "seed", "tiny_seed")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def field_problem(key: str, value: Any) -> str:
+    """Why ``value`` cannot be the value of ``key`` (dotted), or "": non-finite floats, negative resources and
+    seeds, unknown devices."""
+    name = key.rsplit(".", 1)[-1]
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key}={value}: must be a finite number"
+    if name in NON_NEGATIVE and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        return f"{key}={value}: must be >= 0"
+    if name == "device" and isinstance(value, str) and not DEVICE.fullmatch(value):
+        return f"{key}={value!r}: expected cpu, cuda or cuda:N"
+    return ""
+
+
+def tree_problems(cfg: Any, prefix: str = "") -> list[str]:
+    """``field_problem`` over every field of a built config, nested dataclasses, lists and dicts included."""
+    if dataclasses.is_dataclass(cfg):
+        items = [(f"{prefix}{f.name}", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    elif isinstance(cfg, dict):
+        items = [(f"{prefix}{k}", v) for k, v in cfg.items()]
+    else:
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(cfg)]
+    out = []
+    for key, value in items:
+        if dataclasses.is_dataclass(value) or isinstance(value, (dict, list, tuple)):
+            out += tree_problems(value, f"{key}." if not isinstance(value, (list, tuple)) else key)
+        elif problem := field_problem(key, value):
+            out.append(problem)
+    return out
+
+
+def check_tree(cfg: Any) -> None:
+    """Top-level configs call this from ``__post_init__``: one line per problem."""
+    if problems := tree_problems(cfg):
+        raise ConfigError("\n".join(problems))
+
+
+def check_upsampling_ratio(key: str, value: float, zero_means_default: bool = False) -> None:
+    """The decoder's output scale, shared by GRPO, eval and the decoder pool: in [1, 2] (the SD3 decoder's range)."""
+    if zero_means_default and value == 0:
+        return
+    if not 1.0 <= value <= 2.0:
+        default = " (0 = the benchmark's default)" if zero_means_default else ""
+        raise ConfigError(f"{key}={value}: must be in [1, 2]{default}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading machinery
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Build ``cls`` from a YAML file (optional) plus ``a.b=c`` overrides (values parsed as YAML scalars)."""
+    """Build ``cls`` from a YAML file (optional) plus ``a.b=c`` overrides (values parsed as YAML scalars). Every
+    problem found is reported, one line each, naming the key and where it came from (the file or the command line).
+    """
     data: dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+        data = _read_yaml(path)
+    from_cli = set()
     for item in overrides or []:
-        apply_override(data, item)
+        from_cli.add(apply_override(data, item))
     where = str(path) if path is not None else "<overrides>"
-    return from_dict(cls, data, where=where)
+    return from_dict(cls, data, where=where, from_cli=from_cli)
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set ``data[a][b] = c`` for the override string ``a.b=c``."""
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file (the shipped configs are in configs/)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot read ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def apply_override(data: dict[str, Any], item: str) -> str:
+    """Set ``data[a][b] = c`` for the override string ``a.b=c``; returns the key ``a.b``."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected the form key.sub=value")
+        raise ConfigError(f"command line: override {item!r}: expected the form key.sub=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            raise ConfigError(f"command line: override {item!r}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"command line: override {item!r}: the value is not a YAML scalar (quote it)") from None
+    return ".".join(parts)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>", prefix: str = "") -> T:
-    """Recursively build dataclass ``cls`` from a mapping; unknown keys raise with a suggestion."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>", prefix: str = "",
+              from_cli: set[str] = frozenset()) -> T:
+    """Recursively build dataclass ``cls`` from a mapping. Unknown keys (with a suggestion) and values breaking the
+    field rules are collected over the whole mapping and raised together, one line per problem; ``from_cli`` holds
+    the dotted keys set on the command line, so each line names its source."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    kwargs, problems = {}, []
     for key, value in data.items():
+        full = f"{prefix}{key}"
+        source = _source(full, where, from_cli)
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.0)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, where, f"{prefix}{key}")
+            problems.append(f"{source}: unknown key '{full}'{hint}")
+            continue
+        try:
+            kwargs[key] = _coerce(hints[key], value, source, full, from_cli)
+        except ConfigError as e:
+            problems += str(e).splitlines()
+            continue
+        if problem := field_problem(full, kwargs[key]):
+            problems.append(f"{source}: {problem}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        return _raise_with_source(e, prefix, where, from_cli)
 
 
-def _coerce(tp: Any, value: Any, where: str, name: str) -> Any:
+def _source(key: str, where: str, from_cli: set[str]) -> str:
+    """The command line when the key, or a section holding it, was set there; else the file."""
+    parts = key.split(".")
+    if any(".".join(parts[:i]) in from_cli for i in range(1, len(parts) + 1)):
+        return "command line"
+    return where
+
+
+def _raise_with_source(e: ConfigError, prefix: str, where: str, from_cli: set[str]):
+    """A ``__post_init__`` rule names its key (``grpo.beta=...``): attribute each line to the command line when a
+    key of this section with that name was set there, else to the file."""
+    lines = []
+    for line in str(e).splitlines():
+        if line.startswith(("command line: ", f"{where}: ")):
+            lines.append(line)
+            continue
+        names = [k.rsplit(".", 1)[-1] for k in from_cli if k.startswith(prefix)]
+        named = any(re.search(rf"\b{re.escape(name)}\b", line) for name in names)
+        lines.append(f"{'command line' if named else where}: {line}")
+    raise ConfigError("\n".join(lines)) from None
+
+
+def _coerce(tp: Any, value: Any, where: str, name: str, from_cli: set[str] = frozenset()) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value or {}, where, prefix=f"{name}.")
+        return from_dict(tp, value or {}, where, prefix=f"{name}.", from_cli=from_cli)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -136,14 +243,14 @@ def _coerce(tp: Any, value: Any, where: str, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: {name} must be a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(item_tp, v, where, f"{name}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(item_tp, v, where, f"{name}[{i}]", from_cli) for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {name} must be a mapping, got {value!r}")
         args = typing.get_args(tp)
         if len(args) == 2:
-            return {k: _coerce(args[1], v, where, f"{name}.{k}") for k, v in value.items()}
+            return {k: _coerce(args[1], v, where, f"{name}.{k}", from_cli) for k, v in value.items()}
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -185,6 +292,9 @@ class DemoConfig:
     prompts: list[str] = dataclasses.field(default_factory=lambda: ["a red apple on a wooden table"])
     seed: int = 0
     out_dir: str = "runs/demo"
+
+    def __post_init__(self):
+        check_tree(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,6 +401,12 @@ class BenchmarkConfig:
     image_key: str = ""  # custom: the record field naming an input image under image_root (edit mode)
     model_name: str = "uniar"  # oneig: the <model> folder under text/
     pad_missing: bool = False  # oneig: pad a prompt with missing samples with exactly-black tiles
+    # Limits checked before any work is queued. A longer prompt is cut to its first max_prompt_tokens tokens
+    # (truncate: the reference's max_prompt_length 1024) or refused (error); 0 = no limit.
+    max_prompt_tokens: int = 1024
+    prompt_overflow: str = "truncate"  # truncate | error
+    max_input_image_pixels: int = 4096 * 4096  # edit inputs over this (from the header) fail for their record only
+    max_input_image_bytes: int = 32 * 2**20
 
     def __post_init__(self):
         _check_choice("benchmark.name", self.name, BENCHMARK_NAMES)
@@ -302,6 +418,10 @@ class BenchmarkConfig:
                               "input image is <image_root>/<the record's image_key value>")
         if self.image_key and self.name != "custom":
             raise ConfigError(f"benchmark.image_key is for benchmark.name=custom ({self.name} has a fixed layout)")
+        _check_choice("benchmark.prompt_overflow", self.prompt_overflow, ("truncate", "error"))
+        if min(self.max_prompt_tokens, self.max_input_image_pixels, self.max_input_image_bytes) < 0:
+            raise ConfigError("benchmark: max_prompt_tokens, max_input_image_pixels and max_input_image_bytes must "
+                              "be >= 0 (0 = no limit)")
         if self.limit < 0 or self.samples_per_prompt < 0:
             raise ConfigError("benchmark: limit and samples_per_prompt must be >= 0 (0 = default)")
         if not self.model_name or "/" in self.model_name:
@@ -426,8 +546,13 @@ class DataConfig:
     seed: int = 42  # mix sampling and the per-epoch prompt order
     shuffle: bool = True  # the reference's shuffle_dataset
     skip_bad_lines: bool = False  # log, count and skip malformed lines instead of failing
+    max_prompt_tokens: int = 1024  # the reference's max_prompt_length; 0 = no limit
+    prompt_overflow: str = "truncate"  # a longer prompt: truncate (to its first max_prompt_tokens tokens) | error
 
     def __post_init__(self):
+        _check_choice("data.prompt_overflow", self.prompt_overflow, ("truncate", "error"))
+        if self.max_prompt_tokens < 0:
+            raise ConfigError(f"data.max_prompt_tokens={self.max_prompt_tokens}: must be >= 0 (0 = no limit)")
         if not self.path.endswith((".jsonl", ".yaml", ".yml")):
             raise ConfigError(f"data.path={self.path!r}: must end in .jsonl (records) or .yaml/.yml (a mix)")
         if not self.prompt_key:
@@ -519,6 +644,8 @@ class GRPORunConfig:
                               f"evenly across trainer.world_size={per_rank}")
         if not self.rewards.models:
             raise ConfigError("rewards.models is empty: configure at least one reward")
+        check_upsampling_ratio("decode_upsampling_ratio", self.decode_upsampling_ratio)
+        check_tree(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,8 +678,7 @@ class EvalSettings:
             raise ConfigError("settings: temperature, num_inference_steps and seed must be >= 0 (0 = default)")
         if self.cfg_scale and self.cfg_scale < 1:
             raise ConfigError(f"settings.cfg_scale={self.cfg_scale}: must be >= 1 (0 = benchmark default)")
-        if self.upsampling_ratio and not 1 <= self.upsampling_ratio <= 2:
-            raise ConfigError(f"settings.upsampling_ratio={self.upsampling_ratio}: must be in [1, 2] (0 = default)")
+        check_upsampling_ratio("settings.upsampling_ratio", self.upsampling_ratio, zero_means_default=True)
         if self.guidance_scale and self.guidance_scale < 1:
             raise ConfigError(f"settings.guidance_scale={self.guidance_scale}: must be >= 1 (0 = default)")
 
@@ -608,6 +734,9 @@ class EvalConfig:
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     batch_size: int = 8  # rows per Ray Data batch (one generation call, one decoder call)
     out_dir: str = ""  # "" = runs/eval/<benchmark>
+    # out_dir holds a run with other settings (its config.json identity differs): false = refuse, naming the keys;
+    # true = delete that run's images and reports, then start over. The same settings always resume.
+    overwrite: bool = False
     tiny_cache: str = "runs/.tiny_checkpoint"  # model.path=tiny: the four-folder tiny checkpoint, written once
     preview_prompts: int = 8  # prompts in preview.png
     progress: bool = True  # tqdm bar (images done, images/s)
@@ -615,6 +744,7 @@ class EvalConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.preview_prompts < 0:
             raise ConfigError("eval: batch_size must be >= 1 and preview_prompts >= 0")
+        check_tree(self)
 
 
 @dataclasses.dataclass
@@ -630,6 +760,7 @@ class SweepConfig:
     eval_config: str = "configs/eval/{benchmark}.yaml"
     overrides: list[str] = dataclasses.field(default_factory=list)
     out_dir: str = "runs/sweep"
+    overwrite: bool = False  # a cell folder made with other settings: false = refuse; true = clear it (see EvalConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
 
     def __post_init__(self):
@@ -640,6 +771,7 @@ class SweepConfig:
         bad = [name for name in self.checkpoints if not name or "/" in name]
         if bad:
             raise ConfigError(f"sweep.checkpoints: names are folder names, got {bad}")
+        check_tree(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -674,8 +806,7 @@ class DecoderConfig:
 
     def __post_init__(self):
         _check_choice("decoder.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        if not 1.0 <= self.upsampling_ratio <= 2.0:
-            raise ConfigError(f"decoder.upsampling_ratio={self.upsampling_ratio}: must be in [1, 2]")
+        check_upsampling_ratio("decoder.upsampling_ratio", self.upsampling_ratio)
         if self.num_inference_steps < 1:
             raise ConfigError("decoder.num_inference_steps must be >= 1")
         if min(self.num_actors, self.max_batch, self.max_inflight_per_actor) < 1:

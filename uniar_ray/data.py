@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from uniar_ray import datasets
+from uniar_ray.paths import PathOutsideRoot, inside_root
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +79,13 @@ def read_jsonl(
     name = source if source is not None else path.stem
     records: list[PromptRecord] = []
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        for lineno, raw in iter_lines(f):
             try:
+                line = decode_line(raw)
                 records.append(parse_record(line, prompt_key, source=name, line=lineno))
             except ValueError as e:
                 bad = BadLine(str(path), lineno, str(e))
@@ -95,6 +95,25 @@ def read_jsonl(
                 if bad_lines is not None:
                     bad_lines.append(bad)
     return records
+
+
+def iter_lines(f: Any) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of the non-blank lines of a file opened in binary mode; a UTF-8 BOM is dropped.
+    Bytes, so that a line that is not UTF-8 becomes a bad line with its number (``decode_line``)."""
+    for lineno, raw in enumerate(f, start=1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        if raw.strip():
+            yield lineno, raw
+
+
+def decode_line(raw: bytes) -> str:
+    """One line as text; ``ValueError`` naming the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); save the "
+                         "file as UTF-8") from None
 
 
 def parse_record(text: str, prompt_key: str = "instruction", *, source: str = "", line: int = 0) -> PromptRecord:
@@ -196,14 +215,17 @@ def sample_count(value: Any, total: int, where: str = "sampled_ratio") -> tuple[
     return min(int(value), total), False
 
 
-def resolve_json_path(json_path: str, yaml_dir: Path) -> Path:
-    """An entry's ``json_path``: absolute as is; relative against the YAML's folder, then the YAML's folder + the
-    file name (the reference writes ``data/rl_demo/x.jsonl`` relative to its repository root)."""
+def resolve_json_path(json_path: str, yaml_dir: Path, where: str = "json_path") -> Path:
+    """An entry's ``json_path``, inside the YAML's folder: relative to it, then the YAML's folder + the file name
+    (the reference writes ``data/rl_demo/x.jsonl`` relative to its repository root). Absolute paths, ``..`` and
+    symlinks out of the folder are errors: a mix names files beside it, never elsewhere on the machine."""
     p = Path(json_path)
-    if p.is_absolute():
-        candidates = [p]
-    else:
-        candidates = [yaml_dir / p, yaml_dir / p.name]
+    try:
+        candidates = [inside_root(yaml_dir, json_path, where)]
+        if p.name != json_path:
+            candidates.append(inside_root(yaml_dir, p.name, where))
+    except PathOutsideRoot as e:
+        raise DataError(str(e)) from None
     for c in candidates:
         if c.is_file():
             return c
@@ -248,7 +270,7 @@ def load_mix(
                 raise DataError(f"{where}: '{key}' is missing")
         if not isinstance(entry["json_path"], str):
             raise DataError(f"{where}: json_path must be a string, got {entry['json_path']!r}")
-        path = resolve_json_path(entry["json_path"], yaml_path.parent)
+        path = resolve_json_path(entry["json_path"], yaml_path.parent, f"{where}.json_path")
         name = str(entry.get("name") or path.stem)
         items = read_jsonl(path, prompt_key, source=name, skip_bad_lines=skip_bad_lines, bad_lines=bad_lines)
         count, keep_all = sample_count(entry["sampled_ratio"], len(items), f"{where}.sampled_ratio")

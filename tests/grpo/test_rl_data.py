@@ -114,7 +114,7 @@ def test_mix_sampling_is_seeded_and_follows_the_rules(tmp_path):
     _write(sub / "c.jsonl", _rows(6, "general"))
     mix = _mix(tmp_path, [
         {"name": "a", "json_path": "a.jsonl", "sampled_ratio": 0.5},
-        {"name": "b", "json_path": str(tmp_path / "b.jsonl"), "sampled_ratio": 3},  # absolute path
+        {"name": "b", "json_path": "data/rl_demo/b.jsonl", "sampled_ratio": 3},  # the reference form: by file name
         {"json_path": "sub/c.jsonl", "sampled_ratio": 100},  # more than N -> all, shuffled; name = stem
     ])
     one = D.load_dataset(mix, seed=7)
@@ -132,7 +132,7 @@ def test_mix_sampling_is_seeded_and_follows_the_rules(tmp_path):
     # changing one entry leaves the other entries' samples alone
     mix2 = _mix(tmp_path, [
         {"name": "a", "json_path": "a.jsonl", "sampled_ratio": 0.5},
-        {"name": "b", "json_path": str(tmp_path / "b.jsonl"), "sampled_ratio": 1},
+        {"name": "b", "json_path": "b.jsonl", "sampled_ratio": 1},
         {"json_path": "sub/c.jsonl", "sampled_ratio": 100},
     ], "mix2.yaml")
     two = D.load_dataset(mix2, seed=7)

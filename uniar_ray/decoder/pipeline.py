@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from uniar_ray.model.loading import check_weight_files
+
 from .features import decoder_features, load_bsq_projections
 from .loading import PromptEmbeddings, load_pipeline_parts, resolve_components
 from .transformer import SD3TransformerWithBSQ
@@ -102,6 +104,8 @@ class UniARDecoder:
                                    sd3_pipeline=sd3_pipeline_path)
         device = torch.device(device or "cpu")
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        for folder in paths.values():  # a truncated file is named here, not inside diffusers
+            check_weight_files(folder)
         vision = load_bsq_projections(paths["bsq_encoder"], dtype, device)
         transformer = SD3TransformerWithBSQ.from_folder(paths["sd3_transformer"], dtype, device)
         _check_feature_width(vision, transformer, paths)

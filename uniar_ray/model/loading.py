@@ -47,10 +47,44 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+class CorruptWeightFile(ValueError):
+    """A ``*.safetensors`` file is truncated or not a safetensors file; the message names the path."""
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Header and size check without reading the tensors: a truncated copy fails here with its path, not deep in
+    a loader with "MetadataIncompleteBuffer"."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise CorruptWeightFile(f"{path}: not a complete safetensors file ({size} bytes, header unreadable); "
+                                    "copy or download it again")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            raise CorruptWeightFile(f"{path}: the safetensors header is corrupt; copy or download it again") from None
+    if size < 8 + n + end:
+        raise CorruptWeightFile(f"{path}: truncated ({size} bytes, its header needs {8 + n + end}); copy or "
+                                "download it again")
+
+
+def check_weight_files(folder: str | Path) -> int:
+    """``check_safetensors_file`` for every ``*.safetensors`` under ``folder``; returns how many were checked."""
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    for f in files:
+        check_safetensors_file(f)
+    return len(files)
+
+
 def read_safetensors(folder: Path, keep=None) -> dict[str, torch.Tensor]:
     """All tensors of a folder (sharded or not); ``keep(name)`` filters which ones are read."""
     out = {}
     for f in safetensors_files(folder):
+        check_safetensors_file(f)
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
                 if keep is None or keep(k):
