@@ -3,6 +3,7 @@ into the repo: the mirror, or the user cache filled from the sources; see uniar_
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 _SIBLING_MIRROR = REPO.parent / "shared" / "data"
 if _SIBLING_MIRROR.is_dir():
     os.environ.setdefault("UNIAR_DATA_MIRROR", str(_SIBLING_MIRROR))
+# Ray 2.60 turns token auth on for every new local Ray and, when it finds no token, writes ~/.ray/auth_token, after
+# which every Ray on the machine requires it. The suite's Rays (and the jobs its tests start) share one token from
+# the environment instead, so nothing is written to the user's home. Cluster tests give their nodes their own.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="session")
