@@ -156,7 +156,7 @@ def timed(m: dict, stage: str):
 def format_line(m: dict) -> str:
     return (f"[grpo] step {m['step']:>4}  reward {m.get('reward_mean', float('nan')):.4f}  "
             f"loss {m.get('train/loss', float('nan')):+.4f}  kl {m.get('train/kl', float('nan')):.4f}  "
-            f"{m['step_time_s']:.1f}s")
+            f"{m['step_time_s']:.1f}s" + ("  (not updated: no group scored)" if m.get("skipped_update") else ""))
 
 
 def start_ray(cfg: GRPORunConfig) -> None:
