@@ -34,7 +34,9 @@ class Weights:
     ref: Any = None  # ObjectRef of dict[str, Tensor] (full, unpartitioned, CPU)
 
 
-@ray.remote(max_restarts=2, max_task_retries=0)
+# A call that meets the actor dead or restarting is retried on the restarted actor (seeds travel with the
+# requests, so a retried roll-out gives the same samples; a restarted engine loads the current weights first).
+@ray.remote(max_restarts=2, max_task_retries=2)
 class RolloutEngineActor:
     def __init__(self, model: ModelConfig, backend: str = "torch", max_batch: int = 16, num_threads: int = 0,
                  vllm_kvcache_gib: float = 1.0):
