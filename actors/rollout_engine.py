@@ -4,8 +4,9 @@
     results = ray.get(actor.generate.remote([GenerationRequest(...), ...], weights))  # Rollout | RolloutError
     ray.get(actor.update_weights.remote(weights.ref, weights.version))       # in place, no restart
 Every engine knows the policy version it holds (0: ``model.path``; k: published after GRPO step k-1, i.e. k
-optimizer steps when no step was skipped) and stamps it on each Rollout. ``generate`` takes the driver's current ``Weights``: an engine that Ray restarted (back at version 0)
-pulls them before it samples, so it never rolls out a stale policy.
+optimizer steps when no step was skipped) and stamps it on each Rollout. ``generate`` takes the driver's current
+``Weights``: an engine that Ray restarted (back at version 0) pulls them before it samples, so it never rolls out
+a stale policy.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Weights:
-    """A published policy version (the number of steps done when it was published), its trainable tensors in the object store
-    of the process that put them (trainer rank 0). ``ref`` is nested in this object, so Ray hands it on as a
+    """A published policy version (the number of steps done when it was published), its trainable tensors in the
+    object store of the process that put them (trainer rank 0). ``ref`` is nested in this object, so Ray hands it on as a
     reference (the driver never fetches the tensors); None: the weights of ``model.path`` (version 0)."""
 
     version: int
@@ -55,7 +56,8 @@ class RolloutEngineActor:
         self._tokens_per_s = _gauge("uniar_rollout_tokens_per_s", "AR image tokens generated per second (last call)")
         self._images = _counter("uniar_rollout_images", "images rolled out")
 
-    def generate(self, requests: list[GenerationRequest], weights: Weights | None = None) -> list[Rollout | RolloutError]:
+    def generate(self, requests: list[GenerationRequest],
+                 weights: Weights | None = None) -> list[Rollout | RolloutError]:
         """Roll out ``requests`` with policy ``weights`` (loaded first if this engine holds another version)."""
         if weights is not None and weights.version != self.version:
             if weights.ref is None:

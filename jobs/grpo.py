@@ -114,7 +114,7 @@ def grpo_step(cfg: GRPORunConfig, parts: "Parts", step: int, pending):
         if not math.isfinite(m["train/loss"]):
             raise FloatingPointError(f"step {step}: the loss is {m['train/loss']}; stopping (the last good "
                                      f"checkpoint is kept under {cfg.run_dir}/checkpoints)")
-        with timed(m, "sync"):  # 7. new weights (version: optimizer steps applied) into the rollout engines
+        with timed(m, "sync"):  # 7. new weights (version: steps done) into the rollout engines, by reference
             parts.sync_weights(step + 1)
     m["step_time_s"] = time.perf_counter() - t_step
     m["images_per_s"] = len(batch.rollouts) / m["step_time_s"]
@@ -139,8 +139,7 @@ def assign_advantages(cfg: GRPORunConfig, batch, m: dict) -> None:
         r.advantage, r.reward = a, total
         if out and not r.excluded:
             r.excluded = SECONDARY_EXCLUSION if bad else "no reward applies to this sample"
-    groups_out = res.excluded.view(-1, g).all(dim=1)  # a group with fewer than 2 samples left has no signal either
-    groups_out |= (~res.excluded).view(-1, g).sum(dim=1) < 2
+    groups_out = (~res.excluded).view(-1, g).sum(dim=1) < 2  # fewer than 2 samples left: no group signal
     m.update(reward_mean=res.metrics["reward"], excluded_groups=int(failed.view(-1, g)[:, 0].sum()),
              excluded_groups_all=int(groups_out.sum()), groups=len(groups_out),
              **{k: v for k, v in res.metrics.items() if k != "reward"})

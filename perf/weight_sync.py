@@ -59,7 +59,7 @@ def measure(size: str, model_path: str, steps: int) -> dict:
         out = {"size": size, "step_time_s": statistics.median(r["step_time_s"] for r in rows),
                "sync_s": statistics.median(r["time/sync"] for r in rows)}
         out["sync_share"] = out["sync_s"] / out["step_time_s"]
-        for name, fn in (("driver", driver_sync), ("reference", reference_sync)):
+        for name, fn in (("old", driver_sync), ("new", reference_sync)):
             times, moved = [], 0
             for k in range(3):
                 t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,17 +149,19 @@ def _exit_within(proc: subprocess.Popen, timeout_s: float) -> tuple[int, str, fl
 
 @pytest.mark.slow
 def test_ctrl_c_in_one_step_mode_exits_within_a_minute(tmp_path):
-    proc = _start_job(tmp_path, "steps=50")
-    _wait_for_line(proc, "[grpo] step    0", timeout_s=300)  # step 1's roll-out is now in the background
+    proc = _start_job(tmp_path, "steps=50", "save_every=100", "grid_every=100")
+    _wait_for_line(proc, "[grpo] step    0", timeout_s=300)
+    time.sleep(3)  # the driver now waits on step 1's background stages (on a loaded machine it may still be at 0)
     proc.send_signal(signal.SIGINT)
-    code, rest, took = _exit_within(proc, 60)
+    code, rest, _ = _exit_within(proc, 60)
     assert code == 130, rest[-3000:]
-    assert "[grpo] interrupted at step 1" in rest and "The last good checkpoint is" in rest, rest[-3000:]
+    said = r"\[grpo\] interrupted at step [01]; shutting down\. No checkpoint was written"
+    assert re.search(said, rest), rest[-3000:]
 
 
 @pytest.mark.slow
 def test_nan_loss_in_one_step_mode_exits_within_a_minute(tmp_path):
     proc = _start_job(tmp_path, "steps=50", "grpo.learning_rate=1e30", "grpo.max_grad_norm=0.0")
     _wait_for_line(proc, "[grpo] step    0", timeout_s=300)  # step 1 blows up while step 2 is prefetched
-    code, rest, took = _exit_within(proc, 60)
+    code, rest, _ = _exit_within(proc, 60)
     assert code == 1 and "[grpo] step 1: the loss is nan" in rest, rest[-3000:]

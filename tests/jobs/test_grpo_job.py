@@ -55,7 +55,8 @@ def test_resume_gives_the_same_next_step(ray_local, tmp_path):
 @pytest.mark.parametrize("retries", [1, 0])
 def test_reward_actor_killed_mid_step(ray_local, retries):
     """retries=1: Ray restarts the actor and re-runs the call, every sample is scored. retries=0: the samples of that
-    call fail, their groups are excluded from the loss and counted; the step still completes (never a made-up 0)."""
+    call fail, their groups are excluded and counted; the step completes (never a made-up 0) and, every group being
+    excluded, does not update the model."""
     from uniar_ray.config import GRPORunConfig, load_config
 
     cfg = load_config(GRPORunConfig, "configs/grpo_demo.yaml", FAST + [
@@ -74,11 +75,12 @@ def test_reward_actor_killed_mid_step(ray_local, retries):
         if retries:
             assert m["score/reward/target_color/count"] == 8 and m["score/reward/target_color/failures"] == 0
             assert m["excluded_groups"] == 0
+            assert m["train/loss"] == m["train/loss"]  # finite: the step completed
         else:
             assert m["score/reward/target_color/failures"] == 8 and m["excluded_groups"] == 2
             assert all(r.excluded and r.advantage == 0.0 for r in rollouts)
             assert "target_color" in rollouts[0].excluded
-        assert m["train/loss"] == m["train/loss"]  # finite: the step completed
+            assert m["skipped_update"] == 1 and "train/loss" not in m  # the step completed without an update
     finally:
         parts.close()
 
