@@ -1,7 +1,7 @@
 """Weight sync cost: bytes through the driver per sync (old: state fetched into the driver and put back; new: a
 reference from trainer rank 0) and the sync time as a share of the GRPO step, at the tiny model and at ~100M.
 
-    python -m perf.weight_sync [--sizes tiny,100m] [--steps 4]
+    python -m perf.weight_sync [--sizes tiny,100m] [--steps 4] [--extra grpo.beta=0.0 ...]
 Each size runs a few GRPO steps (configs/grpo_demo.yaml, small batch) through ``jobs.grpo``'s Parts in one local
 Ray session, then times both sync paths on the same actors. The first step (warm-up) is left out of the medians.
 Bytes are the serialized size of what the driver fetches (``ray.get``) plus what it puts (``ray.put``). Last line:
@@ -47,12 +47,12 @@ def reference_sync(parts, version: int) -> int:
     return len(pickle.dumps(parts.weights, protocol=5))  # the Weights object the driver fetched (a reference)
 
 
-def measure(size: str, model_path: str, steps: int) -> dict:
+def measure(size: str, model_path: str, steps: int, extra: list[str]) -> dict:
     from jobs import grpo as job
     from uniar_ray.config import GRPORunConfig, load_config
 
-    cfg = load_config(GRPORunConfig, "configs/grpo_demo.yaml", OVERRIDES + [f"model.path={model_path}",
-                                                                           f"steps={steps + 2}"])
+    cfg = load_config(GRPORunConfig, "configs/grpo_demo.yaml",
+                      OVERRIDES + [f"model.path={model_path}", f"steps={steps + 2}", *extra])
     parts = job.Parts(cfg)
     try:
         rows = [job.grpo_step(cfg, parts, s, None)[0] for s in range(steps)][1:]
@@ -79,17 +79,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,100m")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--extra", nargs="*", default=[], help="config overrides, e.g. grpo.beta=0.0 to save memory")
     a = ap.parse_args(argv)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
             path = "tiny" if size == "tiny" else write_100m_checkpoint(f"{tmp}/ar_model")
-            res = measure(size, path, a.steps)
+            res = measure(size, path, a.steps, a.extra)
             print(json.dumps(res), flush=True)
             results.append(res)
     ray.shutdown()
-    print(json.dumps({"bench": "weight_sync", "steps": a.steps, "results": results}))
+    print(json.dumps({"bench": "weight_sync", "steps": a.steps, "extra": a.extra, "results": results}))
 
 
 if __name__ == "__main__":
