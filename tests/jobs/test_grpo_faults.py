@@ -151,11 +151,11 @@ def _exit_within(proc: subprocess.Popen, timeout_s: float) -> tuple[int, str, fl
 def test_ctrl_c_in_one_step_mode_exits_within_a_minute(tmp_path):
     proc = _start_job(tmp_path, "steps=50", "save_every=100", "grid_every=100")
     _wait_for_line(proc, "[grpo] step    0", timeout_s=300)
-    time.sleep(3)  # the driver now waits on step 1's background stages (on a loaded machine it may still be at 0)
+    time.sleep(3)  # the driver is now in a later step, waiting on its background stages
     proc.send_signal(signal.SIGINT)
     code, rest, _ = _exit_within(proc, 60)
     assert code == 130, rest[-3000:]
-    said = r"\[grpo\] interrupted at step [01]; shutting down\. No checkpoint was written"
+    said = r"\[grpo\] interrupted at step \d+; shutting down\. No checkpoint was written"
     assert re.search(said, rest), rest[-3000:]
 
 
