@@ -66,11 +66,18 @@ def test_reward_actor_killed_mid_step(ray_local, retries):
     try:
         victim = parts.rewards.pools["target_color"][0]
         ray.get(victim.ready.remote())
-        parts.rollout(0)  # warm the engines so the timer below lands inside the scoring call
-        timer = threading.Timer(4.5, lambda: ray.kill(victim, no_restart=False))
-        timer.start()
+        timers = []
+        score = parts.rewards.score
+
+        def score_and_kill(*args, **kwargs):  # the kill lands inside the 3 s call, however long the stages before
+            timers.append(threading.Timer(1.0, lambda: ray.kill(victim, no_restart=False)))
+            timers[-1].start()
+            return score(*args, **kwargs)
+
+        parts.rewards.score = score_and_kill
         m, _ = job.grpo_step(cfg, parts, 1, None)
-        timer.join()
+        assert len(timers) == 1
+        timers[0].join()
         rollouts = parts.last_batch.rollouts
         if retries:
             assert m["score/reward/target_color/count"] == 8 and m["score/reward/target_color/failures"] == 0
