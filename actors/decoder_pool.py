@@ -148,6 +148,9 @@ class DecoderPool:
             left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"decoder ticket {ticket}: {t.pending} of {len(t.results)} results still pending")
+            if not self._calls:  # nothing in flight can deliver them (the pool was shut down): never spin
+                raise RuntimeError(f"decoder ticket {ticket}: {t.pending} of {len(t.results)} results pending and "
+                                   "no call in flight (the decoder pool was shut down)")
             self._poll(left)
         del self._tickets[ticket]
         done = sum(r.ok for r in t.results)

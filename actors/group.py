@@ -23,12 +23,13 @@ class ActorGroup:
     def broadcast(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
-    def map(self, method: str, items: list, *args, **kwargs) -> list:
-        """Split ``items`` into contiguous shards (one per actor), call ``method(shard, ...)``, concatenate."""
+    def map(self, method: str, items: list, *args, timeout_s: float | None = None, **kwargs) -> list:
+        """Split ``items`` into contiguous shards (one per actor), call ``method(shard, ...)``, concatenate.
+        ``timeout_s``: how long to wait for all of them (``ray.exceptions.GetTimeoutError`` past it)."""
         shards = split_even(items, len(self.actors))
         refs = [getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards) if s]
         out = []
-        for part in ray.get(refs):
+        for part in ray.get(refs, timeout=timeout_s):
             out.extend(part)
         return out
 

@@ -1,12 +1,19 @@
 """Ray actor hosting a rollout engine (torch now; vLLM through the same ``RolloutEngine`` protocol).
 
     actor = RolloutEngineActor.options(num_cpus=1).remote(model_cfg)
-    results = ray.get(actor.generate.remote([GenerationRequest(...), ...]))   # Rollout (bit-packed) | RolloutError
-    ray.get(actor.update_weights.remote(state_dict))                           # in place, no restart
+    results = ray.get(actor.generate.remote([GenerationRequest(...), ...], weights))  # Rollout | RolloutError
+    ray.get(actor.update_weights.remote(weights.ref, weights.version))       # in place, no restart
+Every engine knows the policy version it holds (0: ``model.path``; k: published after GRPO step k-1, i.e. k
+optimizer steps when no step was skipped) and stamps it on each Rollout. ``generate`` takes the driver's current
+``Weights``: an engine that Ray restarted (back at version 0) pulls them before it samples, so it never rolls out
+a stale policy.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
+from typing import Any
 
 import ray
 import torch
@@ -15,8 +22,22 @@ from uniar_ray.config import ModelConfig
 from uniar_ray.model.factory import load_policy
 from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError, TorchRolloutEngine
 
+logger = logging.getLogger(__name__)
 
-@ray.remote(max_restarts=2, max_task_retries=0)
+
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """A published policy version (the number of steps done when it was published), its trainable tensors in the
+    object store of the process that put them (trainer rank 0). ``ref`` is nested in this object, so Ray hands it on as a
+    reference (the driver never fetches the tensors); None: the weights of ``model.path`` (version 0)."""
+
+    version: int
+    ref: Any = None  # ObjectRef of dict[str, Tensor] (full, unpartitioned, CPU)
+
+
+# A call that meets the actor dead or restarting is retried on the restarted actor (seeds travel with the
+# requests, so a retried roll-out gives the same samples; a restarted engine loads the current weights first).
+@ray.remote(max_restarts=2, max_task_retries=2)
 class RolloutEngineActor:
     def __init__(self, model: ModelConfig, backend: str = "torch", max_batch: int = 16, num_threads: int = 0,
                  vllm_kvcache_gib: float = 1.0):
@@ -31,21 +52,40 @@ class RolloutEngineActor:
             self.engine = TorchRolloutEngine(policy, max_batch=max_batch)
         else:
             raise ValueError(f"rollout backend {backend!r}: expected 'torch' or 'vllm'")
+        self.version = 0  # the policy as loaded from model.path
         self._tokens_per_s = _gauge("uniar_rollout_tokens_per_s", "AR image tokens generated per second (last call)")
         self._images = _counter("uniar_rollout_images", "images rolled out")
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Rollout | RolloutError]:
+    def generate(self, requests: list[GenerationRequest],
+                 weights: Weights | None = None) -> list[Rollout | RolloutError]:
+        """Roll out ``requests`` with policy ``weights`` (loaded first if this engine holds another version)."""
+        if weights is not None and weights.version != self.version:
+            if weights.ref is None:
+                raise RuntimeError(f"rollout engine holds weights version {self.version} and was asked for version "
+                                   f"{weights.version} without a reference to them")
+            logger.warning("rollout engine at weights version %d: loading version %d before sampling",
+                           self.version, weights.version)
+            self.update_weights(ray.get(weights.ref), weights.version)
         t0 = time.perf_counter()
         out = self.engine.generate(requests)
         done = [r for r in out if isinstance(r, Rollout)]
+        for r in done:
+            r.weight_version = self.version
         tokens = sum(r.bits_shape[0] for r in done)
         self._tokens_per_s.set(tokens / max(time.perf_counter() - t0, 1e-9))
         if done:
             self._images.inc(len(done))
         return out
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int = -1) -> int:
+        """Load ``state_dict`` in place (passed as an ObjectRef, Ray fetches it here from its owner's node) and
+        record its version (-1: weights set by hand, not a trainer version). Returns the version now held."""
         self.engine.update_weights(state_dict)
+        self.version = version
+        return version
+
+    def weights_version(self) -> int:
+        return self.version
 
     def stats(self) -> dict[str, float]:
         return self.engine.stats()

@@ -2,7 +2,7 @@
 
     group = TrainerGroup(model_cfg, grpo_cfg, trainer_cfg, total_steps)   # world_size actors, one placement group
     metrics = group.train_step(samples)            # Rollout list, split evenly across ranks
-    state = group.trainable_state()                # for weight sync to the rollout engines (in place)
+    weights = group.publish_weights(step + 1)      # Weights(version, ref): rank 0's object, the driver holds a ref
 Each actor holds the policy (vision tower and lm_head frozen, as in the reference) and, when beta != 0, a frozen
 reference policy colocated with it for the k3 KL term.
 """
@@ -18,6 +18,7 @@ import torch
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.rollout_engine import Weights
 from uniar_ray import grpo
 from uniar_ray.config import GRPOConfig, ModelConfig, TrainerConfig
 from uniar_ray.model.factory import load_policy
@@ -25,6 +26,7 @@ from uniar_ray.model.prompts import pad_left
 from uniar_ray.rollout.types import Rollout
 
 FROZEN_PREFIXES = ("model.visual.", "lm_head.")  # the reference trains everything but the vision tower
+GATHER_BUCKET_NUMEL = 50_000_000  # ZeRO-3 weight publish: elements gathered at once (200 MB in fp32)
 
 
 def trainable(name: str) -> bool:
@@ -109,7 +111,7 @@ class TrainerActor:
         tp = pad_left([s.prompt_ids.tolist() for s in chunk], self.tokenizer.pad_token_id, dev)
         h, w = chunk[0].ar_height, chunk[0].ar_width
         bits = torch.stack([s.bits() for s in chunk]).to(dev)
-        logits = self.engine.module.bit_logits(tp.input_ids, tp.attention_mask, bits, h, w)
+        logits = self.engine(tp.input_ids, tp.attention_mask, bits, h, w)  # the engine's forward: ZeRO-3 gathers
         logp = grpo.bit_logprobs(logits, bits, g)
         ref_logp = None
         if self.ref is not None:
@@ -126,9 +128,31 @@ class TrainerActor:
 
     # ------------------------------------------------------------------------------------------------------------
 
+    def publish_weights(self, version: int) -> Weights | None:
+        """Put the full trainable parameters (the only ones that change) into the object store from rank 0 and
+        return a reference to them: the engines fetch them from here, never through the driver. Under ZeRO-3 each
+        rank holds a shard, so every rank must take part in the gather; only rank 0 returns something."""
+        state = self._full_state(keep=self.rank == 0)
+        return Weights(version, ray.put(state)) if self.rank == 0 else None
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters on CPU (the only ones that change), for in-place weight sync."""
-        return {n: p.detach().cpu().clone() for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        """Full trainable parameters on CPU, on every rank (under ZeRO-3 every rank must be called)."""
+        return self._full_state(keep=True)
+
+    def _full_state(self, keep: bool) -> dict[str, torch.Tensor]:
+        """ZeRO-3 gathers the partitioned parameters bucket by bucket (at most ``GATHER_BUCKET_NUMEL`` extra
+        elements materialised per rank at a time); ``keep=False`` takes part in the gather and copies nothing."""
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        if self.trainer.zero_stage != 3:
+            return {n: p.detach().cpu().clone() for n, p in named} if keep else {}
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        for bucket in _buckets(named, GATHER_BUCKET_NUMEL):
+            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                if keep:
+                    out.update({n: p.detach().cpu().clone() for n, p in bucket})
+        return out
 
     def save_checkpoint(self, folder: str) -> None:
         self.engine.save_checkpoint(folder, tag="state")
@@ -144,9 +168,10 @@ class TrainerGroup:
 
     def __init__(self, model: ModelConfig, grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int):
         t = trainer
+        self.timeout_s = t.timeout_s
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self.pg = placement_group([bundle] * t.world_size, strategy=t.placement_strategy)
-        ray.get(self.pg.ready())
+        ray.get(self.pg.ready(), timeout=self.timeout_s)
         port = _free_port()
         addr = ray.util.get_node_ip_address()
         self.actors = [
@@ -161,22 +186,42 @@ class TrainerGroup:
         if len(samples) % n:
             raise ValueError(f"{len(samples)} samples do not split evenly across {n} trainer ranks")
         k = len(samples) // n
-        per_rank = ray.get([a.train_step.remote(samples[r * k:(r + 1) * k]) for r, a in enumerate(self.actors)])
+        per_rank = ray.get([a.train_step.remote(samples[r * k:(r + 1) * k]) for r, a in enumerate(self.actors)],
+                           timeout=self.timeout_s)
         return {key: sum(m[key] for m in per_rank) / n for key in per_rank[0]}
 
+    def publish_weights(self, version: int) -> Weights:
+        """Rank 0's ``Weights`` (a reference; the tensors stay in the object store of rank 0's node)."""
+        return ray.get([a.publish_weights.remote(version) for a in self.actors], timeout=self.timeout_s)[0]
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return ray.get(self.actors[0].trainable_state.remote())
+        """The full trainable state in this process (tests and tools; the job passes references instead)."""
+        return ray.get([a.trainable_state.remote() for a in self.actors], timeout=self.timeout_s)[0]
 
     def save_checkpoint(self, folder: Path) -> None:
-        ray.get([a.save_checkpoint.remote(str(folder)) for a in self.actors])
+        ray.get([a.save_checkpoint.remote(str(folder)) for a in self.actors], timeout=self.timeout_s)
 
     def load_checkpoint(self, folder: Path) -> None:
-        ray.get([a.load_checkpoint.remote(str(folder)) for a in self.actors])
+        ray.get([a.load_checkpoint.remote(str(folder)) for a in self.actors], timeout=self.timeout_s)
 
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
         ray.util.remove_placement_group(self.pg)
+
+
+def _buckets(named: list[tuple[str, torch.Tensor]], max_numel: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Consecutive parameters in buckets of at most ``max_numel`` elements (a bigger parameter is a bucket alone).
+    ZeRO-3 partitioned parameters report their full size in ``ds_numel``."""
+    out, size = [[]], 0
+    for n, p in named:
+        k = getattr(p, "ds_numel", p.numel())
+        if out[-1] and size + k > max_numel:
+            out.append([])
+            size = 0
+        out[-1].append((n, p))
+        size += k
+    return [b for b in out if b]
 
 
 def _free_port() -> int:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 
 import ray
@@ -30,6 +33,9 @@ def main(argv: list[str] | None = None):
     (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     start_ray(cfg)
     parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
+    budget = grpo.FailureBudget(cfg.grpo.max_excluded_fraction, cfg.grpo.failure_window)
+    trained = 0
+    step = 0
     try:
         step = resume(run, parts) if args.resume else 0
         pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
@@ -40,16 +46,32 @@ def main(argv: list[str] | None = None):
             print(format_line(metrics), flush=True)
             if (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:
                 parts.save_grid(run, step)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(run, parts, step + 1)
+            trained += not metrics["skipped_update"]
+            if not metrics["skipped_update"] and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(run, parts, step + 1)  # a step that changed nothing is not worth a checkpoint
+            stop = budget.record(metrics["excluded_groups_all"], metrics["groups"], parts.last_reasons)
+            if stop:
+                raise SystemExit(f"[grpo] step {step}: stopping: {stop}. {last_checkpoint_note(run)}")
     except FloatingPointError as e:  # a NaN loss: stop with a message, keep the last good checkpoint
         raise SystemExit(f"[grpo] {e}") from None
+    except KeyboardInterrupt:
+        print(f"[grpo] interrupted at step {step}; shutting down. {last_checkpoint_note(run)}", file=sys.stderr,
+              flush=True)
+        raise SystemExit(130) from None
     finally:
         run.plot_rewards()
         parts.close()
+    if not trained:  # every step was skipped: the job did not do its work
+        raise SystemExit(f"[grpo] no step of this run updated the model (every prompt group was excluded); see the "
+                         f"per-step causes above. {last_checkpoint_note(run)}")
     summarize(run)
     print(run.path)
     return run.path
+
+
+def last_checkpoint_note(run: RunDir) -> str:
+    folder = run.latest_checkpoint()
+    return f"The last good checkpoint is {folder}." if folder else f"No checkpoint was written under {run.path}."
 
 
 def summarize(run: RunDir) -> None:
@@ -84,17 +106,26 @@ def grpo_step(cfg: GRPORunConfig, parts: "Parts", step: int, pending):
         pending = None
     with timed(m, "advantages"):  # 5. group-normalised advantages
         assign_advantages(cfg, batch, m)
-    with timed(m, "update"):  # 6. DeepSpeed step on the trainer ranks
-        m.update({f"train/{k}": v for k, v in parts.trainer.train_step(batch.rollouts).items()})
-    if not math.isfinite(m["train/loss"]):
-        raise FloatingPointError(f"step {step}: the loss is {m['train/loss']}; stopping (the last good checkpoint "
-                                 f"is kept under {cfg.run_dir}/checkpoints)")
-    with timed(m, "sync"):  # 7. new weights into the rollout engines, in place
-        parts.sync_weights()
+    parts.last_reasons = [r.excluded for r in batch.rollouts if r.excluded and r.excluded != SECONDARY_EXCLUSION]
+    m["skipped_update"] = int(m["excluded_groups_all"] == m["groups"])
+    if m["skipped_update"]:  # nothing to learn from: no optimizer step (no momentum drift), nothing to sync
+        print(f"[grpo] step {step}: no prompt group could be scored, the model is not updated; causes (samples): "
+              f"{grpo.count_reasons(parts.last_reasons)}", flush=True)
+    else:
+        with timed(m, "update"):  # 6. DeepSpeed step on the trainer ranks
+            m.update({f"train/{k}": v for k, v in parts.trainer.train_step(batch.rollouts).items()})
+        if not math.isfinite(m["train/loss"]):
+            raise FloatingPointError(f"step {step}: the loss is {m['train/loss']}; stopping (the last good "
+                                     f"checkpoint is kept under {cfg.run_dir}/checkpoints)")
+        with timed(m, "sync"):  # 7. new weights (version: steps done) into the rollout engines, by reference
+            parts.sync_weights(step + 1)
     m["step_time_s"] = time.perf_counter() - t_step
     m["images_per_s"] = len(batch.rollouts) / m["step_time_s"]
     parts.last_batch, parts.last_images = batch, images
     return m, pending
+
+
+SECONDARY_EXCLUSION = "another sample of its group failed"  # not a cause of its own: left out of the reasons shown
 
 
 def assign_advantages(cfg: GRPORunConfig, batch, m: dict) -> None:
@@ -110,8 +141,10 @@ def assign_advantages(cfg: GRPORunConfig, batch, m: dict) -> None:
                                      res.excluded.tolist(), failed.tolist()):
         r.advantage, r.reward = a, total
         if out and not r.excluded:
-            r.excluded = "another sample of its group failed" if bad else "no reward applies to this sample"
+            r.excluded = SECONDARY_EXCLUSION if bad else "no reward applies to this sample"
+    groups_out = (~res.excluded).view(-1, g).sum(dim=1) < 2  # fewer than 2 samples left: no group signal
     m.update(reward_mean=res.metrics["reward"], excluded_groups=int(failed.view(-1, g)[:, 0].sum()),
+             excluded_groups_all=int(groups_out.sum()), groups=len(groups_out),
              **{k: v for k, v in res.metrics.items() if k != "reward"})
 
 
@@ -125,7 +158,7 @@ def timed(m: dict, stage: str):
 def format_line(m: dict) -> str:
     return (f"[grpo] step {m['step']:>4}  reward {m.get('reward_mean', float('nan')):.4f}  "
             f"loss {m.get('train/loss', float('nan')):+.4f}  kl {m.get('train/kl', float('nan')):.4f}  "
-            f"{m['step_time_s']:.1f}s")
+            f"{m['step_time_s']:.1f}s" + ("  (not updated: no group scored)" if m.get("skipped_update") else ""))
 
 
 def start_ray(cfg: GRPORunConfig) -> None:
@@ -155,7 +188,7 @@ def resume(run: RunDir, parts: "Parts") -> int:
     parts.trainer.load_checkpoint(folder / "trainer")
     parts.sampler.load_state_dict(state["data"])
     restore_rng(state["rng"])
-    parts.sync_weights()
+    parts.sync_weights(state["step"])
     run.truncate_metrics(state["step"])
     print(f"[grpo] resumed from {folder} at step {state['step']}", file=sys.stderr)
     return state["step"]
@@ -168,7 +201,7 @@ class Parts:
         from actors.decoder_pool import DecoderPool
         from actors.group import ActorGroup
         from actors.reward_models import RewardGroup
-        from actors.rollout_engine import RolloutEngineActor
+        from actors.rollout_engine import RolloutEngineActor, Weights
         from actors.trainer import TrainerGroup
         from uniar_ray.data import PromptSampler, load_dataset
 
@@ -186,6 +219,9 @@ class Parts:
         self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
         self.metrics = _Metrics()
         self.last_batch = self.last_images = None
+        self.last_reasons: list[str] = []  # why the last step's samples were excluded (their own causes only)
+        self.weights = Weights(0)  # the policy the engines must sample with: model.path until the first sync
+        self._pending = None  # the background stages 1-4 (one_step mode)
 
     # 1-2 ----------------------------------------------------------------------------------------------------------
     def _requests(self, step: int):
@@ -201,7 +237,8 @@ class Parts:
 
     def rollout(self, step: int):
         records, reqs = self._requests(step)
-        return _Batch.build(records, reqs, self.rollout_group.map("generate", reqs), self.cfg.grpo.num_generations)
+        results = self.rollout_group.map("generate", reqs, self.weights, timeout_s=self.cfg.rollout.timeout_s)
+        return _Batch.build(records, reqs, results, self.cfg.grpo.num_generations)
 
     def collect(self, step: int, refs=None, records=None, reqs=None):
         """Stages 1-4 of a step: roll-out (or wait for one already submitted), decode, score."""
@@ -210,8 +247,9 @@ class Parts:
             if refs is None:
                 batch = self.rollout(step)
             else:
-                results = [x for part in ray.get(refs) for x in part]
+                results = [x for part in ray.get(refs, timeout=self.cfg.rollout.timeout_s) for x in part]
                 batch = _Batch.build(records, reqs, results, self.cfg.grpo.num_generations)
+        m["rollout/weight_version"] = min(r.weight_version for r in batch.rollouts)
         with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
             images = self.decode(batch)
         with timed(m, "score"):  # 4. rewards in parallel, routed by task, weighted nansum
@@ -220,15 +258,13 @@ class Parts:
 
     def prefetch(self, step: int):
         """Submit step ``step``'s roll-out now (ordered before any later weight update), finish 1-4 in a thread."""
-        from concurrent.futures import ThreadPoolExecutor
-
         from actors.group import split_even
 
         records, reqs = self._requests(step)
         shards = split_even(reqs, len(self.rollout_group.actors))
-        refs = [a.generate.remote(s) for a, s in zip(self.rollout_group.actors, shards) if s]
-        self._pool = getattr(self, "_pool", None) or ThreadPoolExecutor(1, thread_name_prefix="grpo-prefetch")
-        return self._pool.submit(self.collect, step, refs, records, reqs)
+        refs = [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards) if s]
+        self._pending = in_background(self.collect, step, refs, records, reqs)
+        return self._pending
 
     # 3 --------------------------------------------------------------------------------------------------------------
     def decode(self, batch):
@@ -263,9 +299,18 @@ class Parts:
         m.update({f"score/{k}": v for k, v in routed.metrics.items()})
 
     # 7 --------------------------------------------------------------------------------------------------------------
-    def sync_weights(self) -> None:
-        state_ref = ray.put(self.trainer.trainable_state())
-        ray.get(self.rollout_group.broadcast("update_weights", state_ref))
+    def sync_weights(self, version: int) -> None:
+        """Trainer rank 0 puts the new weights into its object store; the driver hands the reference on (the
+        engines fetch the tensors from rank 0's node, never through this process). An engine that is down now
+        loads them before its next roll-out (``generate`` gets ``self.weights``)."""
+        self.weights = self.trainer.publish_weights(version)
+        refs = self.rollout_group.broadcast("update_weights", self.weights.ref, version)
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=self.cfg.rollout.timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                print(f"[grpo] rollout engine {i} did not take weights version {version} "
+                      f"({type(e).__name__}); it loads them before its next roll-out", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------------------------------------------------------
     def export(self, m: dict) -> None:
@@ -283,14 +328,37 @@ class Parts:
             grid = captioned_grid([Image.fromarray(im) for im, _ in shown], [f"{r.reward:.3f} {r.prompt}" for _, r in shown])
             grid.save(run.path / "grids" / f"step-{step:06d}.png")
 
-    def close(self) -> None:
+    def close(self, join_timeout_s: float = 30.0) -> None:
+        """Kill every actor first, so that a background step waiting on one fails at once instead of waiting
+        (or spinning on a pool that is gone), then join that step, then release the pools."""
+        actors = [*self.rollout_group.actors, *self.decoder.actors, *self.trainer.actors,
+                  *(a for pool in self.rewards.pools.values() for a in pool)]
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        if self._pending is not None:
+            self._pending.cancel()
+            try:
+                self._pending.exception(timeout=join_timeout_s)
+            except (FutureTimeout, CancelledError):
+                pass  # a daemon thread: it cannot keep the process alive
         self.rewards.shutdown()
         self.decoder.shutdown()
         self.trainer.shutdown()
-        if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown(wait=True)
-        for a in self.rollout_group.actors:
-            ray.kill(a)
+
+
+def in_background(fn, *args) -> Future:
+    """``fn(*args)`` in a daemon thread (unlike an executor's thread, one that is stuck cannot hold up the exit)."""
+    future: Future = Future()
+
+    def run():
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+
+    threading.Thread(target=run, name="grpo-prefetch", daemon=True).start()
+    return future
 
 
 class _Batch:

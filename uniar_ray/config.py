@@ -444,9 +444,12 @@ class RolloutConfig:
     max_batch: int = 16  # rows (x2 with CFG) per engine call
     num_threads: int = 0  # torch threads inside the actor (0: torch's default)
     vllm_kvcache_gib: float = 1.0  # vllm: paged KV cache for both stacks (kv_cache_memory_bytes), GiB
+    timeout_s: float = 1800.0  # per driver wait on a step's roll-out (and on a weight load); past it the job stops
 
     def __post_init__(self):
         _check_choice("rollout.backend", self.backend, ("torch", "vllm"))
+        if not self.timeout_s > 0:
+            raise ConfigError(f"rollout.timeout_s={self.timeout_s}: must be > 0")
         if self.num_actors < 1 or self.max_batch < 1:
             raise ConfigError("rollout.num_actors and rollout.max_batch must be >= 1")
 
@@ -478,6 +481,10 @@ class GRPOConfig:
     # Advantages (spec §7.5)
     scale_rewards: str | bool = "group"  # group (True) | batch | none (False)
     all_nan_rewards: str = "exclude"  # rows no reward applies to: exclude | zero (the reference: 0 + a warning)
+    # Failure budget: the job stops, naming the causes, when more than this fraction of the prompt groups was
+    # excluded (failed decodes or rewards, no applicable reward) over the last failure_window steps; 1.0 = never
+    max_excluded_fraction: float = 0.5
+    failure_window: int = 3
     # Loss (spec §7.7)
     beta: float = 0.01  # k3 KL weight; 0 = no reference policy
     epsilon: float = 0.2  # lower clip
@@ -502,6 +509,9 @@ class GRPOConfig:
             self.scale_rewards = "group" if self.scale_rewards else "none"
         _check_choice("grpo.scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         _check_choice("grpo.all_nan_rewards", self.all_nan_rewards, ("exclude", "zero"))
+        if not 0.0 <= self.max_excluded_fraction <= 1.0 or self.failure_window < 1:
+            raise ConfigError(f"grpo.max_excluded_fraction={self.max_excluded_fraction} must be in [0, 1] and "
+                              f"grpo.failure_window={self.failure_window} >= 1")
         _check_choice("grpo.lr_scheduler_type", self.lr_scheduler_type, ("linear", "constant"))
         _check_choice("grpo.importance_sampling_level", self.importance_sampling_level, ("token", "sequence"))
         _check_choice("grpo.loss_type", self.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo"))
@@ -577,8 +587,11 @@ class TrainerConfig:
     num_gpus: float = 0.0
     num_threads: int = 0  # torch threads per actor (0: torch's default)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    timeout_s: float = 3600.0  # per driver wait on the trainers (a step, a weight publish, a checkpoint)
 
     def __post_init__(self):
+        if not self.timeout_s > 0:
+            raise ConfigError(f"trainer.timeout_s={self.timeout_s}: must be > 0")
         if self.world_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("trainer.world_size and trainer.micro_batch_size must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):

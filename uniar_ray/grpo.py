@@ -9,6 +9,7 @@ L levels x U sub-patches x D bits per token (K = L*U*D bits per AR token, 1024 f
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -385,3 +386,47 @@ def entropy_mean(entropy: torch.Tensor, sample_mask: torch.Tensor | None = None)
         return float(e.mean())
     w = sample_mask.to(device=e.device, dtype=e.dtype).reshape(-1, 1).expand_as(e)
     return float(_masked_mean(e, w)) if bool(w.any()) else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Failure budget (the driver stops a run that trains on nothing)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def count_reasons(reasons: Sequence[str], limit: int = 3) -> str:
+    """'12x <reason>; 4x <reason>' for the distinct non-empty reasons, most frequent first, at most ``limit`` of
+    them (then '+k more')."""
+    counts = collections.Counter(r for r in reasons if r)
+    if not counts:
+        return "no reason recorded"
+    top = [f"{n}x {reason}" for reason, n in counts.most_common(limit)]
+    more = len(counts) - len(top)
+    return "; ".join(top) + (f"; +{more} more" if more > 0 else "")
+
+
+class FailureBudget:
+    """Past ``max_fraction`` of the prompt groups excluded (a failed decode or reward, no applicable reward) over
+    the last ``window`` steps, a run is training on almost nothing: ``record`` then returns why, to stop with.
+
+    The window must be full before it judges, so one bad step at the start does not end a run. ``max_fraction``
+    1.0 never stops (a fraction cannot exceed it)."""
+
+    def __init__(self, max_fraction: float, window: int):
+        if not 0.0 <= max_fraction <= 1.0 or window < 1:
+            raise ValueError(f"failure budget: max_fraction={max_fraction} must be in [0, 1] and window={window} >= 1")
+        self.max_fraction, self.window = max_fraction, window
+        self.steps: collections.deque = collections.deque(maxlen=window)  # (excluded groups, groups, reasons)
+
+    def record(self, excluded_groups: int, groups: int, reasons: Sequence[str]) -> str | None:
+        """One step's count and the exclusion reasons of its samples; returns the stop message or None."""
+        self.steps.append((excluded_groups, groups, list(reasons)))
+        if len(self.steps) < self.window:
+            return None
+        excluded = sum(s[0] for s in self.steps)
+        total = sum(s[1] for s in self.steps)
+        if not total or excluded / total <= self.max_fraction:
+            return None
+        causes = count_reasons([r for s in self.steps for r in s[2]])
+        return (f"{excluded} of {total} prompt groups ({excluded / total:.0%}) were excluded over the last "
+                f"{self.window} steps, more than grpo.max_excluded_fraction={self.max_fraction} "
+                f"(grpo.failure_window={self.window}); causes (samples): {causes}")

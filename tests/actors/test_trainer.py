@@ -46,3 +46,37 @@ def test_two_ranks_update_parameters_identically(ray_local):
     assert "output_layer_vistok.1.weight" in changed
     states = ray.get([a.trainable_state.remote() for a in group.actors])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # data-parallel ranks stay in sync
+
+
+@pytest.mark.slow
+def test_zero3_matches_zero2_and_engines_load_full_tensors(ray_local):
+    """ZeRO-3 partitions every parameter across the ranks; the engine's forward gathers them for the loss and the
+    weight publish gathers them for the engines: two steps give ZeRO-2's weights, and an engine loads them."""
+    from actors.rollout_engine import RolloutEngineActor
+
+    samples = _rollouts()
+    states = {}
+    for stage in (2, 3):
+        group = TrainerGroup(ModelConfig(path="tiny"), GRPOConfig(num_generations=4, learning_rate=1e-3, beta=0.01),
+                             TrainerConfig(world_size=2, micro_batch_size=2, zero_stage=stage, num_cpus=0.5),
+                             total_steps=5)
+        try:
+            for _ in range(2):
+                assert math.isfinite(group.train_step(samples)["loss"])
+            states[stage] = group.trainable_state()
+            if stage == 3:  # the engine fetches rank 0's object while rank 0 (its owner) is alive
+                published = group.publish_weights(version=2)
+                engine = RolloutEngineActor.remote(ModelConfig(path="tiny"))
+                assert ray.get(engine.update_weights.remote(published.ref, published.version)) == 2
+                (out,) = ray.get(engine.generate.remote([GenerationRequest("a red cat", 64, 64, seed=0)]))
+                assert out.weight_version == 2
+                full = ray.get(published.ref)
+                ray.kill(engine)
+        finally:
+            group.shutdown()
+    z2, z3 = states[2], states[3]
+    start = build_tiny_policy(0).state_dict()
+    assert z2.keys() == z3.keys() == full.keys()
+    assert max((z2[k] - z3[k]).abs().max().item() for k in z2) < 1e-5
+    assert any(not torch.equal(start[k], z3[k]) for k in z3)  # the steps moved the weights
+    assert all(full[k].shape == start[k].shape and torch.equal(full[k], z3[k]) for k in full)  # not ZeRO-3 shards

@@ -55,7 +55,8 @@ def test_resume_gives_the_same_next_step(ray_local, tmp_path):
 @pytest.mark.parametrize("retries", [1, 0])
 def test_reward_actor_killed_mid_step(ray_local, retries):
     """retries=1: Ray restarts the actor and re-runs the call, every sample is scored. retries=0: the samples of that
-    call fail, their groups are excluded from the loss and counted; the step still completes (never a made-up 0)."""
+    call fail, their groups are excluded and counted; the step completes (never a made-up 0) and, every group being
+    excluded, does not update the model."""
     from uniar_ray.config import GRPORunConfig, load_config
 
     cfg = load_config(GRPORunConfig, "configs/grpo_demo.yaml", FAST + [
@@ -65,20 +66,28 @@ def test_reward_actor_killed_mid_step(ray_local, retries):
     try:
         victim = parts.rewards.pools["target_color"][0]
         ray.get(victim.ready.remote())
-        parts.rollout(0)  # warm the engines so the timer below lands inside the scoring call
-        timer = threading.Timer(4.5, lambda: ray.kill(victim, no_restart=False))
-        timer.start()
+        timers = []
+        score = parts.rewards.score
+
+        def score_and_kill(*args, **kwargs):  # the kill lands inside the 3 s call, however long the stages before
+            timers.append(threading.Timer(1.0, lambda: ray.kill(victim, no_restart=False)))
+            timers[-1].start()
+            return score(*args, **kwargs)
+
+        parts.rewards.score = score_and_kill
         m, _ = job.grpo_step(cfg, parts, 1, None)
-        timer.join()
+        assert len(timers) == 1
+        timers[0].join()
         rollouts = parts.last_batch.rollouts
         if retries:
             assert m["score/reward/target_color/count"] == 8 and m["score/reward/target_color/failures"] == 0
             assert m["excluded_groups"] == 0
+            assert m["train/loss"] == m["train/loss"]  # finite: the step completed
         else:
             assert m["score/reward/target_color/failures"] == 8 and m["excluded_groups"] == 2
             assert all(r.excluded and r.advantage == 0.0 for r in rollouts)
             assert "target_color" in rollouts[0].excluded
-        assert m["train/loss"] == m["train/loss"]  # finite: the step completed
+            assert m["skipped_update"] == 1 and "train/loss" not in m  # the step completed without an update
     finally:
         parts.close()
 

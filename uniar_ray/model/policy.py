@@ -160,6 +160,11 @@ class UniARPolicy(nn.Module):
     # teacher-forced scorer (RL forward, §7.6)
     # ------------------------------------------------------------------------------------------------------------
 
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The module's call is the teacher-forced scorer, so that a wrapper (DeepSpeed's engine: ZeRO-3 gathers the
+        partitioned parameters in its forward hooks) runs it."""
+        return self.bit_logits(*args, **kwargs)
+
     def bit_logits(self, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, bits: torch.Tensor,
                    ar_height: int, ar_width: int) -> torch.Tensor:
         """Per-bit logits [B, N, L, U, D, 2] of ``bits`` [B, N, L, U, D] given left-padded text prompts [B, P].

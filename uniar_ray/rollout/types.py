@@ -41,6 +41,9 @@ class Rollout:
     seed: int = 0
     temperature: float = 1.0
     cfg_scale: float = 1.0
+    # The policy version the engine sampled with: the GRPO steps done when the trainer published it (0 = model.path
+    # as loaded; -1 = weights set outside a trainer sync). In a synchronous run it equals the step; one_step: step-1.
+    weight_version: int = -1
     # Filled in by the GRPO driver after decoding and scoring:
     group: int = -1  # index of the prompt group (G rollouts of one prompt)
     rewards: dict[str, float] = dataclasses.field(default_factory=dict)  # per reward function; NaN = n/a
