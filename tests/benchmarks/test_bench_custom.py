@@ -25,12 +25,12 @@ def test_image_lookup_order_meta_then_nested_then_top_level(tmp_path):
     assert custom.image_value(record({"meta": "not a dict"}), "src") is None
     assert custom.input_image_path(record({"src": "x/a b.png"}), tmp_path, "src") == tmp_path / "x" / "a b.png"
     for bad in ("/etc/passwd", "../outside.png", "x/../../y.png"):
-        with pytest.raises(InputImageError, match="must be a path inside image_root"):
+        with pytest.raises(InputImageError, match="paths in data files"):
             custom.input_image_path(record({"src": bad}), tmp_path, "src")
     with pytest.raises(InputImageError, match=r"idx=3: no 'src' path \(looked in meta, meta.meta"):
         custom.input_image_path(record({}), tmp_path, "src")
     (tmp_path / "here.png").write_bytes(b"png")
-    problems = custom.check_inputs([record({"src": "here.png"}), record({"src": "gone.png"})], tmp_path, "src")
+    problems = custom.check_inputs([record({"src": "here.png"}), record({"src": "gone.png"})], tmp_path, image_key="src")
     assert problems == [f"record idx=3: input image missing: {tmp_path / 'gone.png'}"]
 
 
