@@ -130,6 +130,30 @@ class TrainerActor:
         """Trainable parameters on CPU (the only ones that change), for in-place weight sync."""
         return {n: p.detach().cpu().clone() for n, p in self.engine.module.named_parameters() if p.requires_grad}
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the policy on CPU, full size: under ZeRO-3 the partitioned parameters are gathered first
+        (a collective: every rank must call it)."""
+        module = self.engine.module
+        if self.trainer.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def save_model(self, folder: str) -> None:
+        """The policy in the published ``ar_model`` layout (config.json, safetensors, tokenizer), written by rank 0
+        into a temporary folder and renamed, so a half-written model folder never looks complete."""
+        state = self.full_state()
+        if self.rank == 0:
+            import shutil
+
+            final, tmp = Path(folder), Path(f"{folder}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.engine.module.save_pretrained(tmp, state_dict=state)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+
     def save_checkpoint(self, folder: str) -> None:
         self.engine.save_checkpoint(folder, tag="state")
 
@@ -172,6 +196,10 @@ class TrainerGroup:
 
     def load_checkpoint(self, folder: Path) -> None:
         ray.get([a.load_checkpoint.remote(str(folder)) for a in self.actors])
+
+    def save_model(self, folder: Path) -> None:
+        """Rank 0 writes the full policy as ``folder`` (every rank takes part in the ZeRO-3 gather)."""
+        ray.get([a.save_model.remote(str(folder)) for a in self.actors])
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -164,15 +164,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def parse_cli(cls: type[T], argv: list[str] | None, default_config: str | None = None) -> tuple[T, Any]:
-    """Shared ``--config FILE [a.b=c ...]`` parsing for the jobs; returns (config, argparse namespace)."""
+def parse_cli(cls: type[T], argv: list[str] | None, default_config: str | None = None,
+              add_flags: typing.Callable[[Any], None] | None = None) -> tuple[T, Any]:
+    """Shared ``--config FILE [--resume [PATH]] [a.b=c ...]`` parsing for the jobs; ``add_flags(parser)`` adds a
+    job's own flags. Returns (config, argparse namespace); ``args.resume`` is False, True or a path."""
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=default_config, help="YAML file in configs/")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the configured run dir")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                        help="continue the run in the configured run dir, or the run / checkpoint folder PATH")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    if add_flags is not None:
+        add_flags(parser)
     args = parser.parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume a.b=c`: an override, not a path
+        args.resume = True
     return load_config(cls, args.config, args.overrides), args
 
 
@@ -462,6 +470,21 @@ class ClusterConfig:
     log_to_driver: bool = False
 
 
+@dataclasses.dataclass
+class TrackingConfig:
+    """Experiment trackers for the GRPO job (uniar_ray/tracking.py), both off by default; each logs the keys of
+    metrics.jsonl at their step."""
+
+    tensorboard: bool = False  # event files under <run_dir>/tensorboard
+    wandb: bool = False  # Weights & Biases, files under <run_dir>/wandb
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync <run_dir>/wandb/offline-run-*` later) | online
+    wandb_project: str = "uniar_grpo"  # the reference's WANDB_PROJECT
+    wandb_name: str = ""  # "" = the run folder's name
+
+    def __post_init__(self):
+        _check_choice("tracking.wandb_mode", self.wandb_mode, ("offline", "online"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The GRPO job (jobs/grpo.py)
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,6 +502,7 @@ class GRPORunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     ar_height: int = 512  # the reference's IMAGE_HEIGHT / IMAGE_WIDTH in RL (N = 256)
     ar_width: int = 512
     decode_upsampling_ratio: float = 1.0  # RL decodes at the AR size (the reference's decode server)
