@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None):
     cfg, args = parse_cli(GRPORunConfig, argv, default_config="configs/grpo_demo.yaml", add_flags=_flags)
     if args.plan:
         return show_plan(cfg, args.cluster_file)
-    run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
+    try:
+        run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
+    except ckpt.ResumeError as e:
+        raise SystemExit(f"[grpo] {e}") from None
     start_ray(cfg)
     parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
     tracker = None

@@ -638,7 +638,11 @@ class SweepConfig:
     Each run starts from ``eval_config`` (``{benchmark}`` is replaced by the benchmark's name), then ``overrides``
     (``a.b=c`` strings, as on the command line), then the checkpoint's model and the setting."""
 
-    checkpoints: dict[str, ModelConfig] = dataclasses.field(default_factory=lambda: {"tiny": ModelConfig()})
+    checkpoints: dict[str, ModelConfig] = dataclasses.field(default_factory=dict)
+    # A GRPO run folder: its complete checkpoints join the sweep as ``step-NNNNNN`` (each one's model/ folder; dtype
+    # and device from the run's config.json). grpo_steps picks some of them; empty = all.
+    grpo_run: str = ""
+    grpo_steps: list[int] = dataclasses.field(default_factory=list)
     benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["geneval"])
     settings: list[EvalSettings] = dataclasses.field(default_factory=lambda: [EvalSettings()])
     eval_config: str = "configs/eval/{benchmark}.yaml"
@@ -649,8 +653,11 @@ class SweepConfig:
     def __post_init__(self):
         for name in self.benchmarks:
             _check_choice("sweep.benchmarks[]", name, BENCHMARK_NAMES)
-        if not self.checkpoints or not self.benchmarks or not self.settings:
-            raise ConfigError("sweep: checkpoints, benchmarks and settings must each list at least one entry")
+        if not (self.checkpoints or self.grpo_run) or not self.benchmarks or not self.settings:
+            raise ConfigError("sweep: checkpoints (or grpo_run), benchmarks and settings must each list at least one "
+                              "entry")
+        if self.grpo_steps and not self.grpo_run:
+            raise ConfigError("sweep.grpo_steps is set: also set grpo_run (the GRPO run folder they belong to)")
         bad = [name for name in self.checkpoints if not name or "/" in name]
         if bad:
             raise ConfigError(f"sweep.checkpoints: names are folder names, got {bad}")

@@ -63,14 +63,14 @@ class RunDir:
         return [rows[k] for k in sorted(rows, key=lambda s: -1 if s is None else s)]
 
     def truncate_metrics(self, upto_step: int) -> int:
-        """On resume, drop the lines of steps at or after the checkpoint's step (they will be run again), and the
-        grids of those steps; returns how many metric lines were dropped."""
+        """On resume, drop the lines of steps at or after the checkpoint's step (they will be run again), any
+        duplicate, and the grids of those steps; returns how many metric lines were dropped."""
         if not self.metrics_path.exists():
             return 0
         lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if json.loads(line).get("step", -1) < upto_step]
+        keep = [m for m in self.read_metrics() if m.get("step", -1) < upto_step]  # also drops older duplicates
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
         tmp.rename(self.metrics_path)
         for grid in (self.path / "grids").glob("step-*.png"):
             if int(grid.stem[len("step-"):]) >= upto_step:
