@@ -118,7 +118,11 @@ def link_decoder(model_dir: Path, decoder_cfg: Any, run_path: Path) -> dict[str,
     from uniar_ray.decoder.loading import COMPONENTS, resolve_components
 
     source = tiny_decoder_root(decoder_cfg, run_path) if decoder_cfg.path == "tiny" else Path(decoder_cfg.path)
-    found = resolve_components(source.resolve())
+    try:
+        found = resolve_components(source.resolve())
+    except FileNotFoundError as e:  # e.g. a path that exists on the decoder nodes only: link the published layout
+        print(f"[checkpoint] warning: {e}; linking {source}/<component> as the published layout has it", flush=True)
+        found = {name: source / name for name in COMPONENTS}
     for name in COMPONENTS:
         link = model_dir / name
         target = found[name].resolve()

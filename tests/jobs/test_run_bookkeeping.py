@@ -2,6 +2,9 @@
 what makes a checkpoint complete (the slow end-to-end cases are in test_grpo_checkpoints.py)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from uniar_ray.checkpoint import compare_identity, check_checkpoint
@@ -67,3 +70,21 @@ def test_resume_flag_takes_an_optional_path_and_leaves_overrides_alone():
     assert args.resume == "configs"
     _, args = parse_cli(GRPORunConfig, ["--config", "configs/grpo_demo.yaml"])
     assert args.resume is False
+
+
+def test_decoder_components_are_linked_relative_inside_the_run_and_absolute_outside(tmp_path):
+    from types import SimpleNamespace
+
+    from uniar_ray.checkpoint import link_decoder
+
+    outside = tmp_path / "decoder"
+    for name in ("bsq_encoder", "sd3_transformer", "sd3_pipeline"):
+        (outside / name).mkdir(parents=True)
+    run = tmp_path / "run"
+    model = run / "checkpoints" / "step-000002" / "model"
+    model.mkdir(parents=True)
+    link_decoder(model, SimpleNamespace(path=str(outside)), run)
+    assert all(Path(os.readlink(model / n)) == outside.resolve() / n for n in ("bsq_encoder", "sd3_pipeline"))
+    missing = SimpleNamespace(path=str(tmp_path / "on-the-nodes-only"))
+    link_decoder(model, missing, run)  # not readable from here: still the published layout, with a warning
+    assert os.readlink(model / "sd3_transformer") == str(tmp_path / "on-the-nodes-only" / "sd3_transformer")
