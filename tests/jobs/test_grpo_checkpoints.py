@@ -173,3 +173,21 @@ def test_resume_without_a_checkpoint_starts_over_and_says_so(ray_local, tmp_path
     assert "dropped 2 metric line(s)" in err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [0] and rows[0]["reward_mean"] not in (0.1, None)
+
+
+def test_zero3_model_folder_holds_the_gathered_full_weights(ray_local, tmp_path):
+    """Two ZeRO-3 ranks each hold half of every parameter; the saved folder must hold the full tensors."""
+    from actors.trainer import TrainerGroup
+    from uniar_ray.config import GRPOConfig, ModelConfig, TrainerConfig
+    from uniar_ray.model import build_tiny_policy
+
+    group = TrainerGroup(ModelConfig(), GRPOConfig(beta=0.0), TrainerConfig(world_size=2, zero_stage=3, num_cpus=0.5,
+                                                                             num_threads=1), total_steps=1)
+    try:
+        group.save_model(tmp_path / "ar_model")
+    finally:
+        group.shutdown()
+    saved = UniARPolicy.from_pretrained(tmp_path).state_dict()
+    want = build_tiny_policy(seed=0).state_dict()
+    assert saved.keys() == want.keys()
+    assert all(torch.equal(saved[k], want[k]) for k in want)
