@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None):
     tracker = None
     try:
         step = resume(run, parts, candidates) if args.resume else 0
+        (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the run is really this one
         tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step)
         pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
         for step in range(step, cfg.steps):
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None):
     except FloatingPointError as e:  # a NaN loss: stop with a message, keep the last good checkpoint
         raise SystemExit(f"[grpo] {e}") from None
     finally:
-        run.plot_rewards()
-        if tracker is not None:
+        if tracker is not None:  # the run started (a resume refused at loading leaves its folder as it was)
+            run.plot_rewards()
             tracker.close()
         parts.close()
     summarize(run)
@@ -175,7 +176,7 @@ def open_run(cfg: GRPORunConfig, resume) -> tuple[RunDir, list]:
         print(f"[grpo] --resume: {path} does not exist yet; starting a new run there", file=sys.stderr)
         resume = False
     if not resume:
-        return _opened(RunDir(cfg.run_dir), cfg, identity), []
+        return _opened(RunDir(cfg.run_dir), identity), []
     run_path, given = ckpt.resolve_resume(path)
     folder, warnings = ckpt.choose_checkpoint([given] if given else ckpt.all_checkpoints(run_path))
     changed = ckpt.check_resume(folder, run_path / "config.json", identity) if folder else []
@@ -185,12 +186,11 @@ def open_run(cfg: GRPORunConfig, resume) -> tuple[RunDir, list]:
         print("[grpo] --resume: settings changed since the checkpoint (allowed):\n  " + "\n  ".join(changed),
               file=sys.stderr)
     candidates = [folder] + [p for p in ckpt.complete_checkpoints(run_path) if p.name < folder.name] if folder else []
-    return _opened(RunDir(run_path, resume=True), cfg, identity), candidates[:1] if given else candidates
+    return _opened(RunDir(run_path, resume=True), identity), candidates[:1] if given else candidates
 
 
-def _opened(run: RunDir, cfg: GRPORunConfig, identity: dict) -> RunDir:
+def _opened(run: RunDir, identity: dict) -> RunDir:
     run.open().identity = identity
-    (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     return run
 
 
@@ -219,7 +219,8 @@ def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
 
 def resume(run: RunDir, parts: "Parts", candidates: list) -> int:
     """Load the newest loadable checkpoint (an unloadable one falls back to the next, with a warning naming both);
-    later checkpoints are set aside and later metric lines dropped. None: start over at step 0, and say so."""
+    later checkpoints are set aside and later metric lines dropped. No complete checkpoint at all: start over at step
+    0, and say so; complete ones that all fail to load: stop, changing nothing."""
     for i, folder in enumerate(candidates):
         try:
             parts.trainer.load_checkpoint(folder / "trainer")
@@ -235,8 +236,12 @@ def resume(run: RunDir, parts: "Parts", candidates: list) -> int:
         _rewind(run, state["step"])
         print(f"[grpo] resumed from {folder} at step {state['step']}", file=sys.stderr)
         return state["step"]
+    if candidates:
+        raise SystemExit(f"[grpo] --resume: none of {', '.join(p.name for p in candidates)} in {run.path} could be "
+                         "loaded (see the warnings above); nothing was changed. Start a new run (drop --resume or set "
+                         "run_dir), or fix the environment that cannot read them.")
     _rewind(run, 0)
-    print(f"[grpo] --resume: no usable checkpoint in {run.path}; starting over at step 0", file=sys.stderr)
+    print(f"[grpo] --resume: no complete checkpoint in {run.path}; starting over at step 0", file=sys.stderr)
     return 0
 
 

@@ -155,6 +155,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_newest_complete_one(run4, t
     data = bytearray(state.read_bytes())
     data[-512:] = bytes(512)
     state.write_bytes(bytes(data))
+    before = _tree(run)
+    with pytest.raises(SystemExit, match=r"none of step-000004 .* could be loaded.*nothing was changed"):
+        job.main(["--config", "configs/grpo_demo.yaml", "steps=3", *FAST, "--resume", str(state.parents[2])])
+    assert _tree(run) == before  # the checkpoint asked for by name: no silent fallback, nothing moved
+    capfd.readouterr()
     out = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={run}", "steps=3", *FAST, "--resume"])
     err = capfd.readouterr().err
     assert out == run
@@ -171,7 +176,7 @@ def test_resume_without_a_checkpoint_starts_over_and_says_so(ray_local, tmp_path
     (run / "metrics.jsonl").write_text('{"step": 0, "reward_mean": 0.1}\n{"step": 1, "reward_mean": 0.2}\n')
     out = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={run}", "steps=1", *FAST, "--resume"])
     err = capfd.readouterr().err
-    assert out == run and "no usable checkpoint" in err and "starting over at step 0" in err
+    assert out == run and "no complete checkpoint" in err and "starting over at step 0" in err
     assert "dropped 2 metric line(s)" in err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [0] and rows[0]["reward_mean"] not in (0.1, None)
