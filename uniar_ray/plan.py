@@ -332,7 +332,10 @@ def _no_room(cfg: Any, a: Need, cluster: Cluster) -> str:
     where = "GPU" if a.on_gpu else "host"
     msg = (f"does not fit: {a.role} needs {a.cpus:g} CPU, {a.gpus:g} GPU and {a.total:.1f} GiB of {where} memory "
            f"({', '.join(f'{k} {v:.1f}' for k, v in a.parts.items())}); ")
-    if a.on_gpu and a.total / max(1.0, a.gpus) > biggest:
+    if a.gpus and not any(n.gpus for n in cluster.nodes):
+        return msg + (f"{cluster.source} has no GPU (set the actor's num_gpus to 0 and its device to cpu, or "
+                      "describe the GPU cluster with --cluster-file).")
+    elif a.on_gpu and a.total / max(1.0, a.gpus) > biggest:
         msg += f"the largest GPU in {cluster.source} has {biggest:g} GiB."
     else:
         msg += f"no node of {cluster.source} has that much left after the actors placed before it."
