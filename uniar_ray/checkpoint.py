@@ -173,7 +173,7 @@ def checkpoint_steps(run_path: Path, steps: list[int] | None = None) -> dict[str
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v and k != "models":
+        if isinstance(v, dict) and v:
             out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
