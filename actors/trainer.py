@@ -139,10 +139,10 @@ class TrainerActor:
         """Full trainable parameters on CPU, on every rank (under ZeRO-3 every rank must be called)."""
         return self._full_state(keep=True)
 
-    def _full_state(self, keep: bool) -> dict[str, torch.Tensor]:
+    def _full_state(self, keep: bool, trainable_only: bool = True) -> dict[str, torch.Tensor]:
         """ZeRO-3 gathers the partitioned parameters bucket by bucket (at most ``GATHER_BUCKET_NUMEL`` extra
         elements materialised per rank at a time); ``keep=False`` takes part in the gather and copies nothing."""
-        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad or not trainable_only]
         if self.trainer.zero_stage != 3:
             return {n: p.detach().cpu().clone() for n, p in named} if keep else {}
         import deepspeed
@@ -153,6 +153,26 @@ class TrainerActor:
                 if keep:
                     out.update({n: p.detach().cpu().clone() for n, p in bucket})
         return out
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the policy (state_dict names) on CPU, full size; a collective under ZeRO-3 (every rank
+        must call it). Buffers are never partitioned."""
+        params = self._full_state(keep=True, trainable_only=False)
+        return {k: params[k] if k in params else v.detach().cpu().clone()
+                for k, v in self.engine.module.state_dict().items()}
+
+    def save_model(self, folder: str) -> None:
+        """The policy in the published ``ar_model`` layout (config.json, safetensors, tokenizer), written by rank 0
+        into a temporary folder and renamed, so a half-written model folder never looks complete."""
+        state = self.full_state()
+        if self.rank == 0:
+            import shutil
+
+            final, tmp = Path(folder), Path(f"{folder}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.engine.module.save_pretrained(tmp, state_dict=state)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
 
     def save_checkpoint(self, folder: str) -> None:
         self.engine.save_checkpoint(folder, tag="state")
@@ -203,6 +223,10 @@ class TrainerGroup:
 
     def load_checkpoint(self, folder: Path) -> None:
         ray.get([a.load_checkpoint.remote(str(folder)) for a in self.actors], timeout=self.timeout_s)
+
+    def save_model(self, folder: Path) -> None:
+        """Rank 0 writes the full policy as ``folder`` (every rank takes part in the ZeRO-3 gather)."""
+        ray.get([a.save_model.remote(str(folder)) for a in self.actors])
 
     def shutdown(self) -> None:
         for a in self.actors:

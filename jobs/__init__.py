@@ -4,4 +4,5 @@ CONFIG_SCHEMAS maps a config file (by stem, or by its folder under configs/) to 
 """
 from uniar_ray.config import DemoConfig, EvalConfig, GRPORunConfig, SweepConfig
 
-CONFIG_SCHEMAS = {"demo": DemoConfig, "eval": EvalConfig, "sweep": SweepConfig, "grpo_demo": GRPORunConfig}
+CONFIG_SCHEMAS = {"demo": DemoConfig, "eval": EvalConfig, "sweep": SweepConfig, "sweep_grpo_run": SweepConfig,
+                  "grpo_demo": GRPORunConfig, "grpo_uniar_rl": GRPORunConfig}

@@ -1,9 +1,10 @@
 """GRPO training of a UniAR policy on Ray: roll out, decode, score, advantages, update, sync weights.
 
-    python -m jobs.grpo --config configs/grpo_demo.yaml [grpo.beta=0.0 steps=20 ...] [--resume]
-    ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_demo.yaml
+    python -m jobs.grpo --config configs/grpo_demo.yaml [grpo.beta=0.0 steps=20 ...] [--resume [RUN_OR_CKPT]]
+    python -m jobs.grpo --plan --config configs/grpo_uniar_rl.yaml [--cluster-file my_cluster.yaml]
+    ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_uniar_rl.yaml cluster.address=auto
 The default config is the embedded demo: local Ray, tiny policy and decoder, a programmatic reward plus OCR, CPU.
-Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, checkpoints/).
+Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, checkpoints/step-N/{model,trainer}).
 """
 from __future__ import annotations
 
@@ -15,33 +16,44 @@ import time
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 
+from uniar_ray import checkpoint as ckpt
 from uniar_ray import grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
 from uniar_ray.data import resolve_data_path
 from uniar_ray.limits import check_grpo_inputs
 from uniar_ray.rollout import GenerationRequest, Rollout
 from uniar_ray.runlog import RunDir, restore_rng
+from uniar_ray.tracking import Tracker
 
 
 def main(argv: list[str] | None = None):
-    cfg, args = parse_cli(GRPORunConfig, argv, default_config="configs/grpo_demo.yaml")
+    cfg, args = parse_cli(GRPORunConfig, argv, default_config="configs/grpo_demo.yaml", add_flags=_flags)
+    if args.plan:
+        return show_plan(cfg, args.cluster_file)
     resolve_data_path(cfg.data.path)  # missing data files are reported before the run folder and Ray
-    run = RunDir(cfg.run_dir, resume=args.resume)
-    (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    try:
+        run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
+    except ckpt.ResumeError as e:
+        raise SystemExit(f"[grpo] {e}") from None
     start_ray(cfg)
     parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
     budget = grpo.FailureBudget(cfg.grpo.max_excluded_fraction, cfg.grpo.failure_window)
     trained = 0
     step = 0
+    tracker = None
     try:
-        step = resume(run, parts) if args.resume else 0
+        step = resume(run, parts, candidates) if args.resume else 0
+        (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the run is really this one
+        tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step)
         pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
         for step in range(step, cfg.steps):
             metrics, pending = grpo_step(cfg, parts, step, pending)
             run.log_metrics(metrics)
+            tracker.log(metrics)
             parts.export(metrics)
             print(format_line(metrics), flush=True)
             if (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:
@@ -59,7 +71,9 @@ def main(argv: list[str] | None = None):
               flush=True)
         raise SystemExit(130) from None
     finally:
-        run.plot_rewards()
+        if tracker is not None:  # the run started (a resume refused at loading leaves its folder as it was)
+            run.plot_rewards()
+            tracker.close()
         parts.close()
     if not trained:  # every step was skipped: the job did not do its work
         raise SystemExit(f"[grpo] no step of this run updated the model (every prompt group was excluded); see the "
@@ -171,27 +185,108 @@ def start_ray(cfg: GRPORunConfig) -> None:
                  log_to_driver=cfg.cluster.log_to_driver)
 
 
+def _flags(parser) -> None:
+    parser.add_argument("--plan", action="store_true",
+                        help="validate the config, place every actor and estimate its memory; load nothing, train nothing")
+    parser.add_argument("--cluster-file", default="", help="with --plan: a YAML cluster description instead of the "
+                        "cluster this config would run on")
+
+
+def show_plan(cfg: GRPORunConfig, cluster_file: str) -> None:
+    from uniar_ray.plan import Cluster, PlanError, plan_run
+
+    cluster = Cluster.from_file(cluster_file) if cluster_file else Cluster.detect(cfg.cluster)
+    try:
+        table = plan_run(cfg, cluster)
+    except PlanError as e:
+        raise SystemExit(f"[plan] {e}") from None
+    print(table)
+
+
+def open_run(cfg: GRPORunConfig, resume) -> tuple[RunDir, list]:
+    """The run folder and, for a resume, the checkpoints it may continue from (newest complete first). A resume
+    whose config breaks the checkpoint's identity is refused before anything is written."""
+    identity = {**to_dict(cfg), "data_fingerprint": _data_fingerprint(cfg)}
+    path = cfg.run_dir if resume is True else resume
+    if resume is True and not Path(path).exists():
+        print(f"[grpo] --resume: {path} does not exist yet; starting a new run there", file=sys.stderr)
+        resume = False
+    if not resume:
+        return _opened(RunDir(cfg.run_dir), identity), []
+    run_path, given = ckpt.resolve_resume(path)
+    folder, warnings = ckpt.choose_checkpoint([given] if given else ckpt.all_checkpoints(run_path))
+    changed = ckpt.check_resume(folder, run_path / "config.json", identity) if folder else []
+    for w in warnings:
+        print(f"[grpo] warning: {w}", file=sys.stderr)
+    if changed:
+        print("[grpo] --resume: settings changed since the checkpoint (allowed):\n  " + "\n  ".join(changed),
+              file=sys.stderr)
+    candidates = [folder] + [p for p in ckpt.complete_checkpoints(run_path) if p.name < folder.name] if folder else []
+    return _opened(RunDir(run_path, resume=True), identity), candidates[:1] if given else candidates
+
+
+def _opened(run: RunDir, identity: dict) -> RunDir:
+    run.open().identity = identity
+    return run
+
+
+def _data_fingerprint(cfg: GRPORunConfig) -> str:
+    from uniar_ray.data import load_dataset
+
+    d = cfg.data
+    return ckpt.data_fingerprint(load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key,
+                                              skip_bad_lines=d.skip_bad_lines).records)
+
+
 def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
+    """trainer/ (DeepSpeed state), model/ (the published layout: ar_model/ + the decoder linked), config.json, and
+    driver_state.json last (step, data position, RNG, file sizes)."""
     folder = run.checkpoint_dir(step)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / ckpt.DRIVER_STATE).unlink(missing_ok=True)  # a re-save is incomplete until it is written again
     parts.trainer.save_checkpoint(folder / "trainer")
-    run.save_driver_state(folder, {"step": step, "data": parts.sampler.state_dict()})
+    parts.trainer.save_model(folder / ckpt.MODEL_DIR / "ar_model")
+    ckpt.link_decoder(folder / ckpt.MODEL_DIR, parts.cfg.decoder, run.path)
+    (folder / "config.json").write_text(json.dumps(to_dict(parts.cfg), indent=2))
+    run.save_driver_state(folder, {"step": step, "data": parts.sampler.state_dict(),
+                                   "data_fingerprint": run.identity["data_fingerprint"]})
     run.prune_checkpoints(parts.cfg.keep_checkpoints)
 
 
-def resume(run: RunDir, parts: "Parts") -> int:
-    folder = run.latest_checkpoint()
-    if folder is None:
-        print(f"[grpo] --resume: no complete checkpoint in {run.path}; starting at step 0", file=sys.stderr)
-        return 0
-    state = json.loads((folder / "driver_state.json").read_text())
-    parts.trainer.load_checkpoint(folder / "trainer")
-    parts.sampler.load_state_dict(state["data"])
-    restore_rng(state["rng"])
-    parts.sync_weights(state["step"])
-    run.truncate_metrics(state["step"])
-    print(f"[grpo] resumed from {folder} at step {state['step']}", file=sys.stderr)
-    return state["step"]
+def resume(run: RunDir, parts: "Parts", candidates: list) -> int:
+    """Load the newest loadable checkpoint (an unloadable one falls back to the next, with a warning naming both);
+    later checkpoints are set aside and later metric lines dropped. No complete checkpoint at all: start over at step
+    0, and say so; complete ones that all fail to load: stop, changing nothing."""
+    for i, folder in enumerate(candidates):
+        try:
+            parts.trainer.load_checkpoint(folder / "trainer")
+        except Exception as e:  # noqa: BLE001 - any failure to read it: try the next older one
+            nxt = candidates[i + 1] if i + 1 < len(candidates) else None
+            print(f"[grpo] warning: could not load {folder} ({str(e).splitlines()[-1][:300]}); "
+                  + (f"falling back to {nxt}" if nxt else "no older complete checkpoint"), file=sys.stderr)
+            continue
+        state = json.loads((folder / ckpt.DRIVER_STATE).read_text())
+        parts.sampler.load_state_dict(state["data"])
+        restore_rng(state["rng"])
+        parts.sync_weights(state["step"])
+        _rewind(run, state["step"])
+        print(f"[grpo] resumed from {folder} at step {state['step']}", file=sys.stderr)
+        return state["step"]
+    if candidates:
+        raise SystemExit(f"[grpo] --resume: none of {', '.join(p.name for p in candidates)} in {run.path} could be "
+                         "loaded (see the warnings above); nothing was changed. Start a new run (drop --resume or set "
+                         "run_dir), or fix the environment that cannot read them.")
+    _rewind(run, 0)
+    print(f"[grpo] --resume: no complete checkpoint in {run.path}; starting over at step 0", file=sys.stderr)
+    return 0
+
+
+def _rewind(run: RunDir, step: int) -> None:
+    dropped = run.truncate_metrics(step)
+    aside = run.set_aside_checkpoints_after(step)
+    if dropped or aside:
+        print(f"[grpo] --resume: dropped {dropped} metric line(s) of steps >= {step}"
+              + (f"; later checkpoints moved to {aside}" if aside else ""), file=sys.stderr)
 
 
 class Parts:

@@ -2,6 +2,7 @@
 unfinished one resumes); writes one results table (results.csv, results.md) and a plot (scores.png).
 
     python -m jobs.sweep --config configs/sweep.yaml [out_dir=runs/sweep2 overrides='[benchmark.limit=8]' ...]
+    python -m jobs.sweep --config configs/sweep_grpo_run.yaml grpo_run=runs/grpo-demo [grpo_steps='[10,30]']
     ray job submit --working-dir . -- python -m jobs.sweep --config configs/sweep.yaml cluster.address=auto
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> Path:
 def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out_dir)
     rows = []
-    for name, model in cfg.checkpoints.items():
+    for name, model in sweep_checkpoints(cfg).items():
         for bench in cfg.benchmarks:
             for setting in cfg.settings:
                 run_cfg = eval_config(cfg, name, model, bench, setting)
@@ -56,6 +57,22 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     write_table(out, rows)
     plot(out / "scores.png", rows)
     return rows
+
+
+def sweep_checkpoints(cfg: SweepConfig) -> dict[str, ModelConfig]:
+    """The listed checkpoints plus, with ``grpo_run``, that run's checkpoints (``step-NNNNNN``: its model folder)."""
+    from uniar_ray.checkpoint import checkpoint_steps
+
+    found = dict(cfg.checkpoints)
+    if cfg.grpo_run:
+        run = Path(cfg.grpo_run)
+        trained = json.loads((run / "config.json").read_text())["model"] if (run / "config.json").is_file() else {}
+        for name, folder in checkpoint_steps(run, cfg.grpo_steps).items():
+            if name in found:
+                raise ValueError(f"sweep: checkpoint name {name} is both in checkpoints and in grpo_run {run}")
+            found[name] = ModelConfig(path=str(folder.resolve()), dtype=trained.get("dtype", "float32"),
+                                      device=trained.get("device", "cpu"))
+    return found
 
 
 def label(setting: EvalSettings) -> str:

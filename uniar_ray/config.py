@@ -271,15 +271,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def parse_cli(cls: type[T], argv: list[str] | None, default_config: str | None = None) -> tuple[T, Any]:
-    """Shared ``--config FILE [a.b=c ...]`` parsing for the jobs; returns (config, argparse namespace)."""
+def parse_cli(cls: type[T], argv: list[str] | None, default_config: str | None = None,
+              add_flags: typing.Callable[[Any], None] | None = None) -> tuple[T, Any]:
+    """Shared ``--config FILE [--resume [PATH]] [a.b=c ...]`` parsing for the jobs; ``add_flags(parser)`` adds a
+    job's own flags. Returns (config, argparse namespace); ``args.resume`` is False, True or a path."""
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=default_config, help="YAML file in configs/")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the configured run dir")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                        help="continue the run in the configured run dir, or the run / checkpoint folder PATH")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    if add_flags is not None:
+        add_flags(parser)
     args = parser.parse_args(argv)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)  # `--resume a.b=c`: an override, not a path
+        args.resume = True
     return load_config(cls, args.config, args.overrides), args
 
 
@@ -610,6 +618,21 @@ class ClusterConfig:
     log_to_driver: bool = False
 
 
+@dataclasses.dataclass
+class TrackingConfig:
+    """Experiment trackers for the GRPO job (uniar_ray/tracking.py), both off by default; each logs the keys of
+    metrics.jsonl at their step."""
+
+    tensorboard: bool = False  # event files under <run_dir>/tensorboard
+    wandb: bool = False  # Weights & Biases, files under <run_dir>/wandb
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync <run_dir>/wandb/offline-run-*` later) | online
+    wandb_project: str = "uniar_grpo"  # the reference's WANDB_PROJECT
+    wandb_name: str = ""  # "" = the run folder's name
+
+    def __post_init__(self):
+        _check_choice("tracking.wandb_mode", self.wandb_mode, ("offline", "online"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The GRPO job (jobs/grpo.py)
 # ----------------------------------------------------------------------------------------------------------------
@@ -627,6 +650,7 @@ class GRPORunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     ar_height: int = 512  # the reference's IMAGE_HEIGHT / IMAGE_WIDTH in RL (N = 256)
     ar_width: int = 512
     decode_upsampling_ratio: float = 1.0  # RL decodes at the AR size (the reference's decode server)
@@ -767,7 +791,11 @@ class SweepConfig:
     Each run starts from ``eval_config`` (``{benchmark}`` is replaced by the benchmark's name), then ``overrides``
     (``a.b=c`` strings, as on the command line), then the checkpoint's model and the setting."""
 
-    checkpoints: dict[str, ModelConfig] = dataclasses.field(default_factory=lambda: {"tiny": ModelConfig()})
+    checkpoints: dict[str, ModelConfig] = dataclasses.field(default_factory=dict)
+    # A GRPO run folder: its complete checkpoints join the sweep as ``step-NNNNNN`` (each one's model/ folder; dtype
+    # and device from the run's config.json). grpo_steps picks some of them; empty = all.
+    grpo_run: str = ""
+    grpo_steps: list[int] = dataclasses.field(default_factory=list)
     benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["geneval"])
     settings: list[EvalSettings] = dataclasses.field(default_factory=lambda: [EvalSettings()])
     eval_config: str = "configs/eval/{benchmark}.yaml"
@@ -779,8 +807,11 @@ class SweepConfig:
     def __post_init__(self):
         for name in self.benchmarks:
             _check_choice("sweep.benchmarks[]", name, BENCHMARK_NAMES)
-        if not self.checkpoints or not self.benchmarks or not self.settings:
-            raise ConfigError("sweep: checkpoints, benchmarks and settings must each list at least one entry")
+        if not (self.checkpoints or self.grpo_run) or not self.benchmarks or not self.settings:
+            raise ConfigError("sweep: checkpoints (or grpo_run), benchmarks and settings must each list at least one "
+                              "entry")
+        if self.grpo_steps and not self.grpo_run:
+            raise ConfigError("sweep.grpo_steps is set: also set grpo_run (the GRPO run folder they belong to)")
         bad = [name for name in self.checkpoints if not name or "/" in name]
         if bad:
             raise ConfigError(f"sweep.checkpoints: names are folder names, got {bad}")

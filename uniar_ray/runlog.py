@@ -19,14 +19,29 @@ import torch
 
 
 class RunDir:
+    """``RunDir(path)`` only names the folder; ``open()`` creates it. A folder counts as used (a fresh run moves to
+    ``<path>-<timestamp>`` instead) once it holds a metric line or a checkpoint: a start that failed before its
+    first step leaves it reusable."""
+
     def __init__(self, path: str | Path, resume: bool = False):
         self.path = Path(path)
-        if self.path.exists() and any(self.path.iterdir()) and not resume:
+        if not resume and self.is_used():
             stamp = time.strftime("%Y%m%d-%H%M%S")
+            print(f"[run] {self.path} holds an earlier run; this one writes to {self.path.name}-{stamp} "
+                  "(--resume continues the earlier one)", flush=True)
             self.path = self.path.with_name(f"{self.path.name}-{stamp}")  # never overwrite an earlier run
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.identity: dict[str, Any] | None = None  # the run's config + data fingerprint (set by the GRPO job)
+
+    def is_used(self) -> bool:
+        metrics = self.path / "metrics.jsonl"
+        has_metrics = metrics.is_file() and metrics.read_text().strip() != ""
+        return has_metrics or any((self.path / "checkpoints").glob("step-*"))
+
+    def open(self) -> "RunDir":
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "grids").mkdir(exist_ok=True)
-        self.metrics_path = self.path / "metrics.jsonl"
+        return self
 
     # -- metrics -----------------------------------------------------------------------------------------------
 
@@ -36,14 +51,31 @@ class RunDir:
             f.write(json.dumps(clean) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """One row per step in step order; should a step appear twice (a run resumed by an older version), its last
+        line wins, so the summary and the curve never count a step twice."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows: dict[Any, dict[str, Any]] = {}
+        for line in self.metrics_path.read_text().splitlines():
+            if line.strip():
+                m = json.loads(line)
+                rows[m.get("step")] = m
+        return [rows[k] for k in sorted(rows, key=lambda s: -1 if s is None else s)]
 
-    def truncate_metrics(self, upto_step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be run again)."""
-        keep = [m for m in self.read_metrics() if m.get("step", -1) < upto_step]
-        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in keep))
+    def truncate_metrics(self, upto_step: int) -> int:
+        """On resume, drop the lines of steps at or after the checkpoint's step (they will be run again), any
+        duplicate, and the grids of those steps; returns how many metric lines were dropped."""
+        if not self.metrics_path.exists():
+            return 0
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        keep = [m for m in self.read_metrics() if m.get("step", -1) < upto_step]  # also drops older duplicates
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
+        tmp.rename(self.metrics_path)
+        for grid in (self.path / "grids").glob("step-*.png"):
+            if int(grid.stem[len("step-"):]) >= upto_step:
+                grid.unlink()
+        return len(lines) - len(keep)
 
     def plot_rewards(self) -> Path | None:
         rows = self.read_metrics()
@@ -80,16 +112,32 @@ class RunDir:
         return self.path / "checkpoints" / f"step-{step:06d}"
 
     def latest_checkpoint(self) -> Path | None:
-        root = self.path / "checkpoints"
-        done = sorted(p for p in root.glob("step-*") if (p / "driver_state.json").exists()) if root.exists() else []
-        return done[-1] if done else None
+        from uniar_ray.checkpoint import complete_checkpoints
+
+        done = complete_checkpoints(self.path)
+        return done[0] if done else None
 
     def save_driver_state(self, folder: Path, state: dict[str, Any]) -> None:
-        """Written last: a checkpoint folder without this file is incomplete and ignored on resume."""
-        state = dict(state, rng=capture_rng())
+        """Written last, with the size of every file saved before it: a checkpoint folder without this file, or
+        with a file of another size, is incomplete (uniar_ray.checkpoint.check_checkpoint)."""
+        from uniar_ray.checkpoint import manifest
+
+        state = dict(state, rng=capture_rng(), manifest=manifest(folder))
         tmp = folder / "driver_state.json.tmp"
         tmp.write_text(json.dumps(state))
         tmp.rename(folder / "driver_state.json")
+
+    def set_aside_checkpoints_after(self, step: int) -> Path | None:
+        """Checkpoints after the one a resume continues from (a corrupt one, or the steps of the continuation this
+        resume replaces) move to ``checkpoints/superseded-<time>/``: kept for inspection, never resumed or pruned."""
+        later = [p for p in (self.path / "checkpoints").glob("step-*") if int(p.name[len("step-"):]) > step]
+        if not later:
+            return None
+        aside = self.path / "checkpoints" / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for p in later:
+            p.rename(aside / p.name)
+        return aside
 
     def prune_checkpoints(self, keep: int) -> None:
         root = self.path / "checkpoints"

@@ -81,11 +81,13 @@ class UniARPolicy(nn.Module):
             policy.generation_config = json.loads((folder / "generation_config.json").read_text())
         return policy.eval()
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """config.json, model.safetensors and the tokenizer; ``state_dict`` replaces this module's own tensors (the
+        trainer passes the ZeRO-3-gathered full state)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(folder)
-        save_safetensors(self.state_dict(), folder / "model.safetensors")
+        save_safetensors(self.state_dict() if state_dict is None else state_dict, folder / "model.safetensors")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(folder))
         if self.generation_config:

@@ -1,0 +1,374 @@
+"""The placement and memory plan of a GRPO run, from its config alone (the model's config.json, no weights): where
+each actor lands and what it holds in memory, as one table; ``python -m jobs.grpo --plan`` prints it.
+
+    print(plan_run(cfg, Cluster.from_file("my_cluster.yaml")))   # PlanError (what does not fit, ways out) otherwise
+Memory model (per process): weights; gradients and Adam state split by the ZeRO stage (Rajbhandari et al. 2020,
+mixed precision: fp32 master + m + v = 12 bytes per trainable parameter, 8 without a master copy in fp32);
+activations per micro-batch (Korthikanti et al. 2022: ~34 bytes x hidden per token per layer in 16 bit without
+recomputation; layer inputs only, plus one layer, with gradient checkpointing); the rollout KV cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+PROMPT_TOKENS = 1024  # the reference's max_prompt_length: the activation and KV figures are upper bounds
+ACT_BYTES_PER_HIDDEN = 34  # per token per layer, 16-bit activations, flash/SDPA attention (no s^2 term)
+# The published decoder (SD3.5-medium-sized transformer + VAE + CLIP-L/G + T5-XXL, all loaded before the text
+# encoders are dropped) when its folder is not readable from here: parameters, at the decoder's dtype.
+DECODER_PARAMS_ASSUMED = 8.3e9
+# The reference's reward models, when their folders are not readable from here: UnifiedReward-2.0-qwen3vl-32b,
+# HPSv2.1 (CLIP ViT-H-14), GenEval's Mask2Former detector + CLIP ViT-L/14 colour classifier.
+REWARD_PARAMS_ASSUMED = {"judge": 33e9, "hps": 0.99e9, "pickscore": 0.99e9, "geneval": 0.65e9, "ocr": 0.0}
+GPU_MEMORY_BY_TYPE = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A10G": 24, "V100": 32, "T4": 16}
+
+
+class PlanError(ValueError):
+    """The run does not fit the cluster (or its config cannot be planned); the message says what to change."""
+
+
+@dataclasses.dataclass
+class Node:
+    name: str
+    cpus: float
+    gpus: int
+    gpu_memory_gib: float
+    memory_gib: float
+
+    def __post_init__(self):
+        self.free_cpus = self.cpus
+        self.free_memory = self.memory_gib
+        self.gpu_free = [1.0] * self.gpus  # fraction of each GPU not yet requested
+        self.gpu_mem_free = [float(self.gpu_memory_gib)] * self.gpus
+
+
+@dataclasses.dataclass
+class Cluster:
+    nodes: list[Node]
+    source: str
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Cluster":
+        """YAML: ``nodes: [{name: train, count: 2, cpus: 96, gpus: 8, gpu_memory_gib: 80, memory_gib: 1000}]``."""
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not data["nodes"]:
+            raise PlanError(f"{path}: expected `nodes:` with a list of {{name, count, cpus, gpus, gpu_memory_gib, "
+                            "memory_gib}}")
+        nodes = []
+        for i, n in enumerate(data["nodes"]):
+            unknown = set(n) - {"name", "count", "cpus", "gpus", "gpu_memory_gib", "memory_gib"}
+            if unknown:
+                raise PlanError(f"{path}: nodes[{i}]: unknown key(s) {sorted(unknown)}")
+            if n.get("gpus", 0) and not n.get("gpu_memory_gib"):
+                raise PlanError(f"{path}: nodes[{i}] has GPUs: give gpu_memory_gib")
+            for k in range(int(n.get("count", 1))):
+                nodes.append(Node(f"{n.get('name', f'node{i}')}{k if n.get('count', 1) > 1 else ''}",
+                                  float(n.get("cpus", 0)), int(n.get("gpus", 0)), float(n.get("gpu_memory_gib", 0)),
+                                  float(n.get("memory_gib", 0))))
+        return cls(nodes, str(path))
+
+    @classmethod
+    def detect(cls, cluster_cfg: Any) -> "Cluster":
+        """The cluster this config would run on: the Ray cluster at ``cluster.address``, else this machine."""
+        if cluster_cfg.address:
+            return cls._from_ray(cluster_cfg.address)
+        import psutil
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if gpus else 0.0
+        cpus = cluster_cfg.num_cpus or os.cpu_count() or 1
+        return cls([Node("local", float(cpus), gpus, gpu_gib, psutil.virtual_memory().total / GIB)], "this machine")
+
+    @classmethod
+    def _from_ray(cls, address: str) -> "Cluster":
+        import ray
+
+        ray.init(address=address, log_to_driver=False)
+        try:
+            nodes = []
+            for n in ray.nodes():
+                if not n.get("Alive"):
+                    continue
+                res = n["Resources"]
+                kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "")
+                gpu_gib = next((v for t, v in GPU_MEMORY_BY_TYPE.items() if t in kind.upper()), 80)
+                nodes.append(Node(n["NodeManagerAddress"], res.get("CPU", 0), int(res.get("GPU", 0)), gpu_gib,
+                                  res.get("memory", 0) / GIB))
+        finally:
+            ray.shutdown()
+        return cls(nodes, f"Ray cluster at {address} (GPU memory by accelerator type; 80 GiB if unknown)")
+
+
+@dataclasses.dataclass
+class Need:
+    """One actor's request and memory (GiB) by part; ``on_gpu``: the memory sits on its GPU(s), else in host RAM."""
+
+    role: str
+    cpus: float
+    gpus: float
+    parts: dict[str, float]
+    on_gpu: bool
+    alt_activations: float | None = None  # activations the other way (with/without gradient checkpointing)
+    node: str = ""
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory estimates
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def policy_config(model_cfg: Any):
+    from uniar_ray.model.configuration import UniARConfig
+    from uniar_ray.model.loading import resolve_ar_folder
+    from uniar_ray.model.tiny import tiny_config
+
+    if model_cfg.path == "tiny":
+        return tiny_config()
+    try:
+        return UniARConfig.from_pretrained(resolve_ar_folder(model_cfg.path))
+    except FileNotFoundError as e:
+        raise PlanError(f"model.path={model_cfg.path}: {e} (--plan reads only its config.json)") from None
+
+
+def count_params(cfg) -> tuple[int, int]:
+    """(all, trained) parameters of the policy ``cfg`` describes, built on the meta device (no memory)."""
+    import torch
+
+    from uniar_ray.model.policy import UniARPolicy
+
+    with torch.device("meta"):
+        policy = UniARPolicy(cfg)
+    total = trained = 0
+    for name, p in policy.named_parameters():
+        total += p.numel()
+        if not name.startswith(FROZEN_PREFIXES):
+            trained += p.numel()
+    return total, trained
+
+
+FROZEN_PREFIXES = ("model.visual.", "lm_head.")  # as actors/trainer.py: the vision tower and lm_head stay frozen
+
+
+def trainer_memory(cfg: Any, total: int, trained: int, model_cfg) -> tuple[dict[str, float], float, float]:
+    """Per trainer rank: parts (GiB) with the configured recomputation, and activations (without, with) it."""
+    t, w = cfg.trainer, cfg.trainer.world_size
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    zero = t.zero_stage
+    parts = {"weights": total * b / (w if zero >= 3 else 1) / GIB,
+             "grads": trained * b / (w if zero >= 2 else 1) / GIB,
+             "optimizer": trained * (12 if b == 2 else 8) / (w if zero >= 1 else 1) / GIB}
+    if cfg.grpo.beta != 0.0:  # a frozen full copy of the same architecture on every rank
+        parts["ref model"] = total * b / GIB
+    text = model_cfg.text_config
+    layers = text.num_hidden_layers + model_cfg.visual_transformer_decoder_depth
+    tokens = t.micro_batch_size * (PROMPT_TOKENS + image_tokens(cfg, model_cfg))
+    full = tokens * text.hidden_size * ACT_BYTES_PER_HIDDEN * (b / 2) * layers / GIB
+    ckpt = (tokens * text.hidden_size * b * layers + tokens * text.hidden_size * ACT_BYTES_PER_HIDDEN * (b / 2)) / GIB
+    recompute = getattr(t, "gradient_checkpointing", False)
+    parts["activations"] = ckpt if recompute else full
+    return parts, full, ckpt
+
+
+def image_tokens(cfg: Any, model_cfg) -> int:
+    d = model_cfg.vision_config.downsample
+    return (cfg.ar_height // d) * (cfg.ar_width // d)
+
+
+def rollout_memory(cfg: Any, total: int, model_cfg) -> dict[str, float]:
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    r, text = cfg.rollout, model_cfg.text_config
+    if r.backend == "vllm":
+        kv = r.vllm_kvcache_gib
+    else:  # K and V per layer (backbone + visual decoder) for every row of a batch, prompt + image
+        layers = text.num_hidden_layers + model_cfg.visual_transformer_decoder_depth
+        kv = (2 * layers * text.num_key_value_heads * text.head_dim * b * r.max_batch
+              * (PROMPT_TOKENS + image_tokens(cfg, model_cfg))) / GIB
+    return {"weights": total * b / GIB, "kv cache": kv}
+
+
+def folder_gib(path: str) -> float | None:
+    """Bytes of the weight files under a local folder (links followed), or None when it is not readable here."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    size = 0
+    for root, _, files in os.walk(p, followlinks=True):
+        size += sum(Path(root, f).stat().st_size for f in files if f.endswith((".safetensors", ".bin", ".pt", ".pth")))
+    return size / GIB
+
+
+def decoder_memory(cfg: Any) -> tuple[dict[str, float], str]:
+    d = cfg.decoder
+    if d.path == "tiny":
+        return {"weights": 0.01}, ""
+    found = folder_gib(d.path)
+    if found is not None:
+        return {"weights": found}, ""
+    b = 4 if d.dtype == "float32" else 2
+    return {"weights": DECODER_PARAMS_ASSUMED * b / GIB}, f"decoder.path not readable here: assumed {DECODER_PARAMS_ASSUMED / 1e9:.1f}B parameters"
+
+
+def reward_memory(spec: Any) -> tuple[dict[str, float], str]:
+    if spec.kind in ("brightness", "target_color"):
+        return {"weights": 0.0}, ""
+    if spec.model_path in ("", "tiny"):  # OCR (rapidocr's small ONNX models) or a tiny seeded model
+        return {"weights": 0.01}, ""
+    found = folder_gib(spec.model_path)
+    if found is not None:
+        return {"weights": found + (folder_gib(spec.clip_path) or 0.0 if spec.clip_path else 0.0)}, ""
+    params = REWARD_PARAMS_ASSUMED[spec.kind]
+    b = 4 if spec.dtype == "float32" else 2
+    return ({"weights": params * b / GIB},
+            f"{spec.model_path} not readable here: assumed {params / 1e9:g}B parameters (the reference's model)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Placement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def place(need: Need, nodes: list[Node], only: list[Node] | None = None) -> str | None:
+    """First fit: CPUs, GPU shares with the memory on each GPU, or host memory. The node's name, or None."""
+    for node in only or nodes:
+        if node.free_cpus + 1e-9 < need.cpus:
+            continue
+        gpus = _gpu_slots(node, need)
+        if gpus is None:
+            continue
+        if not need.on_gpu and node.free_memory + 1e-9 < need.total:
+            continue
+        node.free_cpus -= need.cpus
+        share = need.total / max(1, len(gpus)) if need.on_gpu else 0.0
+        for g in gpus:
+            node.gpu_free[g] -= min(need.gpus, 1.0)
+            node.gpu_mem_free[g] -= share
+        if not need.on_gpu:
+            node.free_memory -= need.total
+        return node.name + (f" gpu {','.join(map(str, gpus))}" if gpus else "")
+    return None
+
+
+def _gpu_slots(node: Node, need: Need) -> list[int] | None:
+    if need.gpus <= 0:
+        return []
+    if need.gpus >= 1:  # whole GPUs, the memory split across them
+        k = int(need.gpus)
+        free = [g for g in range(node.gpus) if node.gpu_free[g] >= 1.0 - 1e-9
+                and (not need.on_gpu or node.gpu_mem_free[g] + 1e-9 >= need.total / k)]
+        return free[:k] if len(free) >= k else None
+    for g in range(node.gpus):  # a share of one GPU, next to other actors
+        if node.gpu_free[g] + 1e-9 >= need.gpus and (not need.on_gpu or node.gpu_mem_free[g] + 1e-9 >= need.total):
+            return [g]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def needs(cfg: Any) -> tuple[list[Need], list[str]]:
+    """Every actor of the run with its resources and memory, trainer ranks first (the largest), and notes."""
+    model_cfg = policy_config(cfg.model)
+    total, trained = count_params(model_cfg)
+    notes = [f"policy: {_n(total)} parameters ({_n(trained)} trained), {cfg.model.dtype}, "
+             f"ZeRO-{cfg.trainer.zero_stage} over {cfg.trainer.world_size} rank(s); sequences "
+             f"<= {PROMPT_TOKENS} prompt + {image_tokens(cfg, model_cfg)} image tokens"]
+    t, r, d = cfg.trainer, cfg.rollout, cfg.decoder
+    parts, full, ckpt = trainer_memory(cfg, total, trained, model_cfg)
+    recompute = getattr(t, "gradient_checkpointing", False)
+    out = [Need(f"trainer rank {i}", t.num_cpus, t.num_gpus, dict(parts), t.num_gpus > 0, full if recompute else ckpt)
+           for i in range(t.world_size)]
+    out += [Need(f"rollout {i}", r.num_cpus, r.num_gpus, rollout_memory(cfg, total, model_cfg), r.num_gpus > 0)
+            for i in range(r.num_actors)]
+    dec, note = decoder_memory(cfg)
+    notes += [note] if note else []
+    out += [Need(f"decoder {i}", d.num_cpus, d.num_gpus, dict(dec), d.num_gpus > 0) for i in range(d.num_actors)]
+    for name, spec in cfg.rewards.models.items():
+        mem, note = reward_memory(spec)
+        notes += [f"reward {name}: {note}"] if note else []
+        out += [Need(f"reward {name} {i}", spec.num_cpus, spec.num_gpus, dict(mem), spec.num_gpus > 0)
+                for i in range(spec.num_actors)]
+    return out, notes
+
+
+def _n(count: int) -> str:
+    return f"{count / 1e9:.3g}B" if count >= 1e8 else f"{count / 1e6:.3g}M"
+
+
+def plan_run(cfg: Any, cluster: Cluster) -> str:
+    """Place every actor (trainer ranks as their placement group asks) and return the table; PlanError if any
+    actor finds no room, naming it, what it needs, and the ways out."""
+    actors, notes = needs(cfg)
+    nodes = cluster.nodes
+    strategy = cfg.trainer.placement_strategy
+    trainers = [a for a in actors if a.role.startswith("trainer")]
+    for a in actors:
+        only = None
+        if a in trainers and strategy == "STRICT_PACK" and trainers[0].node:
+            only = [n for n in nodes if a is not trainers[0] and n.name == trainers[0].node.split()[0]]
+        if a in trainers and strategy == "STRICT_SPREAD":
+            used = {t.node.split()[0] for t in trainers if t.node}
+            only = [n for n in nodes if n.name not in used]
+        node = place(a, nodes, only)
+        if node is None:
+            raise PlanError(_no_room(cfg, a, cluster) + "\n\n" + table(actors, cluster, notes))
+        a.node = node
+    return table(actors, cluster, notes)
+
+
+def _no_room(cfg: Any, a: Need, cluster: Cluster) -> str:
+    biggest = max((n.gpu_memory_gib for n in cluster.nodes), default=0)
+    where = "GPU" if a.on_gpu else "host"
+    msg = (f"does not fit: {a.role} needs {a.cpus:g} CPU, {a.gpus:g} GPU and {a.total:.1f} GiB of {where} memory "
+           f"({', '.join(f'{k} {v:.1f}' for k, v in a.parts.items())}); ")
+    if a.gpus and not any(n.gpus for n in cluster.nodes):
+        return msg + (f"{cluster.source} has no GPU (set the actor's num_gpus to 0 and its device to cpu, or "
+                      "describe the GPU cluster with --cluster-file).")
+    elif a.on_gpu and a.total / max(1.0, a.gpus) > biggest:
+        msg += f"the largest GPU in {cluster.source} has {biggest:g} GiB."
+    else:
+        msg += f"no node of {cluster.source} has that much left after the actors placed before it."
+    if a.role.startswith("trainer"):
+        ways = []
+        if cfg.trainer.zero_stage < 3:
+            ways.append("trainer.zero_stage=3 (shard the weights too)")
+        ways.append("a larger trainer.world_size (the optimizer state is split across ranks)")
+        if not getattr(cfg.trainer, "gradient_checkpointing", False):
+            ways.append("trainer.gradient_checkpointing=true")
+        if cfg.trainer.micro_batch_size > 1:
+            ways.append("a smaller trainer.micro_batch_size")
+        if cfg.grpo.beta != 0.0:
+            ways.append("grpo.beta=0 (no reference copy)")
+        msg += " Ways out: " + "; ".join(ways) + ", or more/larger GPUs."
+    else:
+        msg += " Ways out: fewer or smaller actors of this kind, num_gpus on a GPU with room, or more nodes."
+    return msg
+
+
+def table(actors: list[Need], cluster: Cluster, notes: list[str]) -> str:
+    cols = ["actor", "node", "CPU", "GPU", "weights", "grads", "optimizer", "ref model", "activations", "act. other",
+            "kv cache", "total GiB", "where"]
+    rows = [[a.role, a.node or "-", f"{a.cpus:g}", f"{a.gpus:g}"]
+            + [f"{a.parts[k]:.2f}" if k in a.parts else "" for k in ("weights", "grads", "optimizer", "ref model",
+                                                                        "activations")]
+            + ["" if a.alt_activations is None else f"{a.alt_activations:.2f}",
+               f"{a.parts['kv cache']:.2f}" if "kv cache" in a.parts else "", f"{a.total:.2f}",
+               "GPU" if a.on_gpu else "host"] for a in actors]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    nodes = ", ".join(f"{n.name} ({n.cpus:g} CPU, {n.gpus} x {n.gpu_memory_gib:g} GiB GPU, {n.memory_gib:.0f} GiB)"
+                      for n in cluster.nodes)
+    head = [f"[plan] cluster: {cluster.source}: {nodes}", *(f"[plan] {n}" for n in notes),
+            "[plan] act. other = activations with gradient checkpointing the other way round"]
+    return "\n".join(head + [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
