@@ -351,6 +351,7 @@ class GRPOConfig:
     all_nan_rewards: str = "exclude"  # rows no reward applies to: exclude | zero (the reference: 0 + a warning)
     # Loss (spec §7.7)
     beta: float = 0.01  # k3 KL weight; 0 = no reference policy
+    ref_model_path: str = ""  # the frozen KL reference (the reference's ref_model_name_or_path); "" = model.path
     epsilon: float = 0.2  # lower clip
     epsilon_high: float | None = None  # upper clip; None = epsilon
     delta: float | None = None  # two-sided clipping: upper bound on the ratio (must be > 1)
@@ -389,6 +390,9 @@ class GRPOConfig:
             raise ConfigError("grpo.adam_beta1/adam_beta2 must be in [0, 1) and adam_epsilon > 0")
         if self.beta < 0:
             raise ConfigError(f"grpo.beta={self.beta}: the KL weight must be >= 0")
+        if self.ref_model_path and self.beta == 0:
+            raise ConfigError(f"grpo.ref_model_path={self.ref_model_path!r} with grpo.beta=0: no KL term, so no "
+                              "reference model is loaded; set grpo.beta > 0 or leave ref_model_path empty")
         if not 0 <= self.epsilon < 1:
             raise ConfigError(f"grpo.epsilon={self.epsilon}: the lower clip must be in [0, 1)")
         if self.epsilon_high is not None and self.epsilon_high < 0:
@@ -442,6 +446,9 @@ class TrainerConfig:
     num_gpus: float = 0.0
     num_threads: int = 0  # torch threads per actor (0: torch's default)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    # Recompute layer activations in the backward pass (on in the reference, TRL's default): same gradients,
+    # activation memory per micro-batch ~ one layer instead of all of them, about one extra forward of compute.
+    gradient_checkpointing: bool = True
 
     def __post_init__(self):
         if self.world_size < 1 or self.micro_batch_size < 1:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .configuration import UniARConfig
-from .layers import ATTN_IMPLS, DecoderLayer, RMSNorm, TextModel, attention_mask
+from .layers import ATTN_IMPLS, DecoderLayer, RMSNorm, TextModel, attention_mask, run_layer
 from .loading import load_state_dict_strict, resolve_ar_folder, save_safetensors
 from .positions import image_grid, rope_positions
 from .prompts import check_ar_size, load_tokenizer
@@ -84,6 +84,11 @@ class UniARPolicy(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(folder))
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each backbone and visual-decoder layer in the backward pass instead of keeping its
+        activations (training forwards only; generation with a KV cache is unaffected)."""
+        self.model.language_model.gradient_checkpointing = bool(enabled)
+
     def set_attn_impl(self, impl: str) -> None:
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={impl!r}: expected one of {ATTN_IMPLS}")
@@ -129,7 +134,7 @@ class UniARPolicy(nn.Module):
     def visual_stack(self, h, cos, sin, mask, cache=None, start: int = 0) -> torch.Tensor:
         """The visual-decoder layers over pre-norm backbone states h [B, T, H] (no final norm)."""
         for i, layer in enumerate(self.visual_decoder):
-            h = layer(h, cos, sin, mask, cache, i, start)
+            h = run_layer(layer, self.model.language_model.gradient_checkpointing, h, cos, sin, mask, cache, i, start)
         return h
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
