@@ -18,7 +18,10 @@ import ray
 from uniar_ray import grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
 from uniar_ray.rollout import GenerationRequest, Rollout
+from uniar_ray.rollout.types import load_rollouts, save_rollouts
 from uniar_ray.runlog import RunDir, restore_rng
+
+PREFETCHED = "prefetched_rollouts.npz"  # in a checkpoint: the next step's roll-out, sampled before the update
 
 
 def main(argv: list[str] | None = None):
@@ -28,8 +31,9 @@ def main(argv: list[str] | None = None):
     start_ray(cfg)
     parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
     try:
-        step = resume(run, parts) if args.resume else 0
-        pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
+        step, prefetched = resume(run, parts) if args.resume else (0, None)
+        # one_step: step's roll-out is submitted now; after a resume it is the one the checkpoint saved
+        pending = parts.prefetch(step, prefetched) if cfg.async_mode == "one_step" or prefetched else None
         for step in range(step, cfg.steps):
             metrics, pending = grpo_step(cfg, parts, step, pending)
             run.log_metrics(metrics)
@@ -139,15 +143,19 @@ def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
     folder = run.checkpoint_dir(step)
     folder.mkdir(parents=True, exist_ok=True)
     parts.trainer.save_checkpoint(folder / "trainer")
-    run.save_driver_state(folder, {"step": step, "data": parts.sampler.state_dict()})
+    rollouts = parts.prefetched_rollouts(step)
+    if rollouts is not None:  # one_step: sampled before this update, from the weights a resume no longer has
+        save_rollouts(folder / PREFETCHED, rollouts)
+    run.save_driver_state(folder, {"step": step, "data": parts.data_state(step)})
     run.prune_checkpoints(parts.cfg.keep_checkpoints)
 
 
-def resume(run: RunDir, parts: "Parts") -> int:
+def resume(run: RunDir, parts: "Parts"):
+    """Restore the latest checkpoint; returns (next step, the roll-out one_step had prefetched for it or None)."""
     folder = run.latest_checkpoint()
     if folder is None:
         print(f"[grpo] --resume: no complete checkpoint in {run.path}; starting at step 0", file=sys.stderr)
-        return 0
+        return 0, None
     state = json.loads((folder / "driver_state.json").read_text())
     parts.trainer.load_checkpoint(folder / "trainer")
     parts.sampler.load_state_dict(state["data"])
@@ -155,7 +163,8 @@ def resume(run: RunDir, parts: "Parts") -> int:
     parts.sync_weights()
     run.truncate_metrics(state["step"])
     print(f"[grpo] resumed from {folder} at step {state['step']}", file=sys.stderr)
-    return state["step"]
+    prefetched = folder / PREFETCHED
+    return state["step"], load_rollouts(prefetched) if prefetched.exists() else None
 
 
 class Parts:
@@ -182,9 +191,13 @@ class Parts:
         self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
         self.metrics = _Metrics()
         self.last_batch = self.last_images = None
+        self._data_before: dict[int, dict] = {}  # step -> sampler position before its prompts were drawn
+        self._prefetched = None  # (step, object refs of its roll-out) while one_step has one in flight
 
     # 1-2 ----------------------------------------------------------------------------------------------------------
     def _requests(self, step: int):
+        self._data_before = {k: v for k, v in self._data_before.items() if k >= step - 1}
+        self._data_before[step] = self.sampler.state_dict()
         records = self.sampler.next_batch()
         g, c = self.cfg.grpo.num_generations, self.cfg
         reqs = []
@@ -214,17 +227,37 @@ class Parts:
             self.score(batch, images, m)
         return batch, images, m
 
-    def prefetch(self, step: int):
-        """Submit step ``step``'s roll-out now (ordered before any later weight update), finish 1-4 in a thread."""
+    def prefetch(self, step: int, rollouts: list | None = None):
+        """Submit step ``step``'s roll-out now (ordered before any later weight update), finish 1-4 in a thread.
+        rollouts: that roll-out already done (saved in the checkpoint a resume starts from): decode and score it."""
         from concurrent.futures import ThreadPoolExecutor
 
         from actors.group import split_even
 
         records, reqs = self._requests(step)
-        shards = split_even(reqs, len(self.rollout_group.actors))
-        refs = [a.generate.remote(s) for a, s in zip(self.rollout_group.actors, shards) if s]
+        if rollouts is None:
+            shards = split_even(reqs, len(self.rollout_group.actors))
+            refs = [a.generate.remote(s) for a, s in zip(self.rollout_group.actors, shards) if s]
+        else:
+            if [r.request_id for r in rollouts] != [q.request_id for q in reqs]:
+                raise RuntimeError(f"the checkpoint's prefetched roll-out is not step {step}'s (other requests): "
+                                   "was data.* or grpo.num_generations changed? resume with the same config")
+            refs = [ray.put(rollouts)]
+        self._prefetched = (step, refs)
         self._pool = getattr(self, "_pool", None) or ThreadPoolExecutor(1, thread_name_prefix="grpo-prefetch")
         return self._pool.submit(self.collect, step, refs, records, reqs)
+
+    def data_state(self, step: int) -> dict:
+        """The sampler position to resume at ``step`` from: before its prompts were drawn, also when a one_step
+        prefetch has drawn them already."""
+        return self._data_before.get(step) or self.sampler.state_dict()
+
+    def prefetched_rollouts(self, step: int) -> list | None:
+        """Step ``step``'s roll-out if one_step submitted it before the update (waits for it), else None."""
+        if self._prefetched is None or self._prefetched[0] != step:
+            return None
+        results = [x for part in ray.get(self._prefetched[1]) for x in part]
+        return results if all(isinstance(r, Rollout) for r in results) else None
 
     # 3 --------------------------------------------------------------------------------------------------------------
     def decode(self, batch):
