@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -54,13 +55,15 @@ def main(argv: list[str] | None = None):
 
 
 def summarize(run: RunDir) -> None:
-    """One line a person can read at the end: how the reward moved (first 3 vs last 3 steps)."""
-    rows = [m for m in run.read_metrics() if m.get("reward_mean") is not None]
+    """One line a person can read at the end: how the reward moved (first 3 vs last 3 steps) against the per-step
+    noise (std of step-to-step changes / sqrt 2, trend included, so it errs on the large side)."""
+    rows = [m["reward_mean"] for m in run.read_metrics() if m.get("reward_mean") is not None]
     if len(rows) >= 2:
         k = min(3, len(rows) // 2)
-        first = sum(m["reward_mean"] for m in rows[:k]) / k
-        last = sum(m["reward_mean"] for m in rows[-k:]) / k
+        first, last = sum(rows[:k]) / k, sum(rows[-k:]) / k
+        noise = statistics.stdev(b - a for a, b in zip(rows, rows[1:])) / math.sqrt(2) if len(rows) > 2 else math.nan
         print(f"[grpo] mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} ({last - first:+.4f}); "
+              f"per-step noise {noise:.4f} (rise = {(last - first) / noise:.1f}x noise); "
               f"curve: {run.path / 'reward_curve.png'}", flush=True)
 
 

@@ -489,10 +489,12 @@ class GRPORunConfig:
     ar_height: int = 512  # the reference's IMAGE_HEIGHT / IMAGE_WIDTH in RL (N = 256)
     ar_width: int = 512
     decode_upsampling_ratio: float = 1.0  # RL decodes at the AR size (the reference's decode server)
-    # The decoder's initial noise. fixed: the same noise (seed grpo.seed) for every sample of every step, so reward
-    # differences come from the bits alone (the reference's decode server also re-creates the same generator seed
-    # for every batch); group: shared by the G samples of a prompt, new per group; sample: its own per sample.
-    decode_seed: str = "fixed"
+    # The decoder's initial noise per image. sample (default, the reference's behaviour: its RL decode server
+    # draws fresh noise for every image): its own per sample, reproducible from the sample's seed. group: shared by
+    # the G samples of a prompt, new per group. fixed: the same noise (seed grpo.seed) for every sample of every
+    # step - a variance reduction for small demos (reward differences then come from the bits alone), not what the
+    # reference trains with.
+    decode_seed: str = "sample"
     steps: int = 500
     async_mode: str = "sync"  # sync | one_step (decode + score of step k overlap the roll-out of step k+1)
     run_dir: str = "runs/grpo"
@@ -653,6 +655,9 @@ class DecoderConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N
     tiny_seed: int = 0
+    # tiny only: initialised so that the pixel colours follow the bits (the GRPO demo's decoder; see
+    # uniar_ray/decoder/tiny.py::make_bit_driven). The random tiny decoder's pixels barely depend on them.
+    tiny_bit_driven: bool = False
     # None: the bsq_encoder config.json value when it has one, else true (the reference library's value; its decode
     # server defaults to false, which passes deepstack levels through merger.norm).
     inference_skip_final_layernorm: bool | None = None
@@ -671,6 +676,8 @@ class DecoderConfig:
 
     def __post_init__(self):
         _check_choice("decoder.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.tiny_bit_driven and self.path != "tiny":
+            raise ConfigError(f"decoder.tiny_bit_driven applies to decoder.path=tiny only, not {self.path!r}")
         if not 1.0 <= self.upsampling_ratio <= 2.0:
             raise ConfigError(f"decoder.upsampling_ratio={self.upsampling_ratio}: must be in [1, 2]")
         if self.num_inference_steps < 1:
