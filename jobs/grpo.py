@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None):
             run.log_metrics(metrics)
             parts.export(metrics)
             print(format_line(metrics), flush=True)
-            if (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:
+            if step == 0 or (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:  # first, every k, last
                 parts.save_grid(run, step)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(run, parts, step + 1)
@@ -55,16 +55,24 @@ def main(argv: list[str] | None = None):
 
 
 def summarize(run: RunDir) -> None:
-    """One line a person can read at the end: how the reward moved (first 3 vs last 3 steps) against the per-step
-    noise (std of step-to-step changes / sqrt 2, trend included, so it errs on the large side)."""
+    """One line a person can read at the end: how the reward moved (first 3 vs last 3 steps), against the per-step
+    noise of the mean reward."""
     rows = [m["reward_mean"] for m in run.read_metrics() if m.get("reward_mean") is not None]
     if len(rows) >= 2:
         k = min(3, len(rows) // 2)
         first, last = sum(rows[:k]) / k, sum(rows[-k:]) / k
-        noise = statistics.stdev(b - a for a, b in zip(rows, rows[1:])) / math.sqrt(2) if len(rows) > 2 else math.nan
+        noise = step_noise(rows)
+        ratio = (last - first) / noise if noise > 0 else math.nan
         print(f"[grpo] mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} ({last - first:+.4f}); "
-              f"per-step noise {noise:.4f} (rise = {(last - first) / noise:.1f}x noise); "
+              f"per-step noise {noise:.4f} (rise {ratio:.1f}x the noise); "
               f"curve: {run.path / 'reward_curve.png'}", flush=True)
+
+
+def step_noise(values: list[float]) -> float:
+    """Per-step noise of a curve: std of its second differences / sqrt(6), which is the std of white noise added
+    to a curve with a locally linear trend (the trend itself cancels; step-to-step differences would count it)."""
+    second = [values[i + 1] - 2 * values[i] + values[i - 1] for i in range(1, len(values) - 1)]
+    return statistics.stdev(second) / math.sqrt(6) if len(second) >= 2 else math.nan
 
 
 def grpo_step(cfg: GRPORunConfig, parts: "Parts", step: int, pending):
