@@ -59,7 +59,7 @@ def test_reward_actor_killed_mid_step(ray_local, retries):
     from uniar_ray.config import GRPORunConfig, load_config
 
     cfg = load_config(GRPORunConfig, "configs/grpo_demo.yaml", FAST + [
-        "rewards.models.target_color.delay_s=3.0", "rewards.models.ocr.weight=0.0",
+        "rewards.models.target_color.delay_s=3.0",
         f"rewards.max_task_retries={retries}"])
     parts = job.Parts(cfg)
     try:
