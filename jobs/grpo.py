@@ -2,7 +2,8 @@
 
     python -m jobs.grpo --config configs/grpo_demo.yaml [grpo.beta=0.0 steps=20 ...] [--resume]
     ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_demo.yaml
-The default config is the embedded demo: local Ray, tiny policy and decoder, a programmatic reward plus OCR, CPU.
+The default config is the embedded demo: local Ray, tiny policy, a tiny decoder whose colours follow the bits, a
+redness reward, CPU.
 Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, checkpoints/).
 """
 from __future__ import annotations
