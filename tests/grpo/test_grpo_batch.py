@@ -130,3 +130,11 @@ def test_reduce_loss_rejects_both_normalisations():
     x = torch.ones(2, 3, 4)
     with pytest.raises(ValueError, match="not both"):
         grpo.reduce_loss(x, x, "dapo", grad_accum=2, batch=grpo.batch_counts(torch.ones(2, dtype=torch.bool), 3, 4))
+
+
+def test_ref_model_path_needs_a_kl_term():
+    from uniar_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ref_model_path"):
+        GRPOConfig(beta=0.0, ref_model_path="/ckpt/ref")
+    assert GRPOConfig(beta=0.01, ref_model_path="/ckpt/ref").ref_model_path == "/ckpt/ref"

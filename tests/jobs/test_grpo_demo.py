@@ -23,13 +23,13 @@ def test_step_noise_ignores_the_trend():
 
 
 @pytest.mark.slow
-def test_demo_reward_rises_and_the_grids_turn_red(tmp_path):
+def test_demo_reward_rises_and_the_grids_turn_red(tmp_path_factory):
     os.environ.setdefault("RAY_AUTH_TOKEN", uuid.uuid4().hex)  # never a token file in ~/.ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path / "ray"))
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))  # short: Ray's socket paths must fit 107 bytes
     try:
-        path = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path / 'demo'}", "steps=12",
-                         "save_every=12", "grid_every=12"])
+        path = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path_factory.mktemp('demo')}",
+                         "steps=12", "save_every=12", "grid_every=12"])
     finally:
         ray.shutdown()
     rewards = [json.loads(line)["reward_mean"] for line in (path / "metrics.jsonl").read_text().splitlines()]
