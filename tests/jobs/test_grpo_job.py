@@ -65,8 +65,8 @@ def test_reward_actor_killed_mid_step(ray_local, retries):
     try:
         victim = parts.rewards.pools["target_color"][0]
         ray.get(victim.ready.remote())
-        parts.rollout(0)  # warm the engines so the timer below lands inside the scoring call
-        timer = threading.Timer(4.5, lambda: ray.kill(victim, no_restart=False))
+        parts.decode(parts.rollout(0))  # warm the engine and the decoder: the timer then lands inside the 3 s
+        timer = threading.Timer(1.5, lambda: ray.kill(victim, no_restart=False))  # scoring call, also on a busy machine
         timer.start()
         m, _ = job.grpo_step(cfg, parts, 1, None)
         timer.join()
