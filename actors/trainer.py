@@ -4,7 +4,9 @@
     metrics = group.train_step(samples)            # Rollout list, split evenly across ranks
     weights = group.publish_weights(step + 1)      # Weights(version, ref): rank 0's object, the driver holds a ref
 Each actor holds the policy (vision tower and lm_head frozen, as in the reference) and, when beta != 0, a frozen
-reference policy colocated with it for the k3 KL term.
+reference policy (``grpo.ref_model_path``, default the policy's own path) colocated with it for the k3 KL term.
+A train step is one generation batch: ``grpo.num_iterations`` optimizer steps over the same samples, the loss
+normalised over the whole batch (all micro-batches, all ranks; ``grpo.BatchCounts``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,13 @@ def trainable(name: str) -> bool:
     return not name.startswith(FROZEN_PREFIXES)
 
 
+def batch_counts(samples: list[Rollout], num_processes: int) -> grpo.BatchCounts:
+    """The loss denominators of a whole generation batch (``samples`` over all ranks)."""
+    n, L, U, D = samples[0].bits_shape
+    return grpo.batch_counts(torch.tensor([not s.excluded for s in samples], dtype=torch.bool), n, L * U * D,
+                             num_processes)
+
+
 @ray.remote(max_restarts=0)
 class TrainerActor:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model: ModelConfig,
@@ -48,11 +57,13 @@ class TrainerActor:
         self.model_cfg, self.grpo, self.trainer, self.total_steps, self.rank = model, grpo_cfg, trainer, total_steps, rank
         torch.manual_seed(grpo_cfg.seed + rank)
         policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed).train()
+        policy.set_gradient_checkpointing(trainer.gradient_checkpointing)
         for name, p in policy.named_parameters():
             p.requires_grad_(trainable(name))
         self.ref = None
-        if grpo_cfg.beta != 0.0:  # a frozen copy of the starting policy, colocated
-            self.ref = load_policy(model.path, model.dtype, model.device, model.tiny_seed).eval()
+        if grpo_cfg.beta != 0.0:  # frozen, colocated; by default a copy of the starting policy
+            self.ref = load_policy(grpo_cfg.ref_model_path or model.path, model.dtype, model.device,
+                                   model.tiny_seed).eval()
             self.ref.requires_grad_(False)
         self.tokenizer = policy.tokenizer
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -75,7 +86,7 @@ class TrainerActor:
 
     def _scheduler(self, optimizer):
         g = self.grpo
-        total = max(1, self.total_steps)
+        total = max(1, self.total_steps * g.num_iterations)  # optimizer steps: num_iterations per GRPO step
         warm = g.warmup_steps
 
         def factor(step: int) -> float:
@@ -87,43 +98,86 @@ class TrainerActor:
 
     # ------------------------------------------------------------------------------------------------------------
 
-    def train_step(self, samples: list[Rollout]) -> dict[str, float]:
-        """One optimizer step over this rank's samples, in micro-batches; gradients are averaged across ranks."""
+    def train_step(self, samples: list[Rollout], counts: grpo.BatchCounts | None = None) -> dict[str, float]:
+        """``grpo.num_iterations`` optimizer steps over this rank's samples of one generation batch, in
+        micro-batches; gradients are averaged across ranks. counts: the whole batch's (all ranks; the group passes
+        them), None = this rank's samples are the whole batch.
+
+        Reference and, with num_iterations > 1, old log-probs are computed once, before the first update (TRL):
+        the later passes see the updated policy against them, so their ratio moves and the clipping acts. With
+        num_iterations == 1 old = the current log-probs, detached (ratio exactly 1). Metrics are averaged over the
+        passes; ``loss`` is the whole batch's loss."""
         t0 = time.perf_counter()
         mb = self.trainer.micro_batch_size
-        chunks = [samples[i: i + mb] for i in range(0, len(samples), mb)]
+        micro = [self._prepare(samples[i: i + mb]) for i in range(0, len(samples), mb)]
+        counts = counts or batch_counts(samples, num_processes=1)
+        mu = self.grpo.num_iterations
         sums: dict[str, float] = {}
-        for i, chunk in enumerate(chunks):
-            self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-            loss, metrics = self._micro_loss(chunk, grad_accum=len(chunks))
-            self.engine.backward(loss)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / len(chunks)
-        sums["loss"] = sums.get("loss", 0.0) * len(chunks)  # per-chunk losses are already divided by grad_accum
-        self.engine.step()
-        grad_norm = self.engine.get_global_grad_norm()
-        sums.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                    lr=self.scheduler.get_last_lr()[0], train_time_s=time.perf_counter() - t0)
+        for _ in range(mu):
+            for k, v in self._backward_pass(micro, counts).items():
+                sums[k] = sums.get(k, 0.0) + v / mu
+            self.engine.step()
+            grad_norm = self.engine.get_global_grad_norm()
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + (float(grad_norm) if grad_norm is not None
+                                                              else float("nan")) / mu
+        sums.update(lr=self.scheduler.get_last_lr()[0], train_time_s=time.perf_counter() - t0)
         return sums
 
-    def _micro_loss(self, chunk: list[Rollout], grad_accum: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def gradients(self, samples: list[Rollout], counts: grpo.BatchCounts | None = None) -> dict[str, torch.Tensor]:
+        """The full gradient (gathered from the ZeRO partitions, reduced across ranks) that ``train_step``'s first
+        pass would apply, without stepping; every rank must be called. For checking layouts and options (micro-
+        batches, ranks, gradient checkpointing) against each other."""
+        from deepspeed.utils import safe_get_full_grad
+
+        mb = self.trainer.micro_batch_size
+        self._backward_pass([self._prepare(samples[i: i + mb]) for i in range(0, len(samples), mb)],
+                            counts or batch_counts(samples, num_processes=1))
+        out = {n: safe_get_full_grad(p).detach().cpu().clone() for n, p in self.engine.module.named_parameters()
+               if p.requires_grad}
+        self.engine.optimizer.zero_grad()
+        return out
+
+    def _backward_pass(self, micro: list[dict], counts: grpo.BatchCounts) -> dict[str, float]:
+        """Forward and backward over every micro-batch of the generation batch (gradients accumulate, reduced
+        across ranks at the last one); metrics averaged over micro-batches, ``loss`` summed."""
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(micro):
+            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+            loss, metrics = self._micro_loss(batch, counts)
+            self.engine.backward(loss)
+            metrics["loss"] *= len(micro)  # the rank's loss is the sum over its micro-batches
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / len(micro)
+        return sums
+
+    def _prepare(self, chunk: list[Rollout]) -> dict:
+        """One micro-batch as tensors, with the log-probs that stay fixed over the passes: reference (beta != 0)
+        and old (num_iterations > 1), computed before any update of this generation batch."""
         g, dev = self.grpo, self.engine.module.device
         tp = pad_left([s.prompt_ids.tolist() for s in chunk], self.tokenizer.pad_token_id, dev)
-        h, w = chunk[0].ar_height, chunk[0].ar_width
         bits = torch.stack([s.bits() for s in chunk]).to(dev)
-        logits = self.engine(tp.input_ids, tp.attention_mask, bits, h, w)  # the engine's forward: ZeRO-3 gathers
-        logp = grpo.bit_logprobs(logits, bits, g)
-        ref_logp = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp = grpo.bit_logprobs(self.ref.bit_logits(tp.input_ids, tp.attention_mask, bits, h, w), bits, g)
-        rollout_logp = torch.stack([torch.from_numpy(s.logprobs) for s in chunk]).to(dev)
-        adv = torch.tensor([s.advantage for s in chunk], device=dev, dtype=torch.float32)
-        keep = torch.tensor([not s.excluded for s in chunk], device=dev)
-        loss, metrics = grpo.policy_loss(logp, adv, g, ref_logp=ref_logp, rollout_logp=rollout_logp,
-                                         sample_mask=keep, grad_accum=grad_accum)
+        x = dict(ids=tp.input_ids, mask=tp.attention_mask, bits=bits, h=chunk[0].ar_height, w=chunk[0].ar_width,
+                 adv=torch.tensor([s.advantage for s in chunk], device=dev, dtype=torch.float32),
+                 keep=torch.tensor([not s.excluded for s in chunk], device=dev),
+                 rollout_logp=torch.stack([torch.from_numpy(s.logprobs) for s in chunk]).to(dev),
+                 ref_logp=None, old_logp=None)
         with torch.no_grad():
-            metrics["entropy"] = grpo.entropy_mean(grpo.bit_entropy(logits, g), keep)
+            if self.ref is not None:
+                x["ref_logp"] = grpo.bit_logprobs(self.ref.bit_logits(x["ids"], x["mask"], bits, x["h"], x["w"]),
+                                                  bits, g)
+            if g.num_iterations > 1:
+                x["old_logp"] = grpo.bit_logprobs(self.engine(x["ids"], x["mask"], bits, x["h"], x["w"]), bits, g)
+        return x
+
+    def _micro_loss(self, x: dict, counts: grpo.BatchCounts) -> tuple[torch.Tensor, dict[str, float]]:
+        g = self.grpo
+        # through the DeepSpeed engine's forward (UniARPolicy.forward = bit_logits): ZeRO-3 gathers its shards there
+        logits = self.engine(x["ids"], x["mask"], x["bits"], x["h"], x["w"])
+        logp = grpo.bit_logprobs(logits, x["bits"], g)
+        loss, metrics = grpo.policy_loss(logp, x["adv"], g, old_logp=x["old_logp"], ref_logp=x["ref_logp"],
+                                         rollout_logp=x["rollout_logp"], sample_mask=x["keep"], batch=counts)
+        with torch.no_grad():
+            metrics["entropy"] = grpo.entropy_mean(grpo.bit_entropy(logits, g), x["keep"])
         return loss, metrics
 
     # ------------------------------------------------------------------------------------------------------------
@@ -206,8 +260,9 @@ class TrainerGroup:
         if len(samples) % n:
             raise ValueError(f"{len(samples)} samples do not split evenly across {n} trainer ranks")
         k = len(samples) // n
-        per_rank = ray.get([a.train_step.remote(samples[r * k:(r + 1) * k]) for r, a in enumerate(self.actors)],
-                           timeout=self.timeout_s)
+        counts = batch_counts(samples, num_processes=n)
+        per_rank = ray.get([a.train_step.remote(samples[r * k:(r + 1) * k], counts)
+                            for r, a in enumerate(self.actors)], timeout=self.timeout_s)
         return {key: sum(m[key] for m in per_rank) / n for key in per_rank[0]}
 
     def publish_weights(self, version: int) -> Weights:

@@ -3,13 +3,15 @@
     python -m jobs.grpo --config configs/grpo_demo.yaml [grpo.beta=0.0 steps=20 ...] [--resume [RUN_OR_CKPT]]
     python -m jobs.grpo --plan --config configs/grpo_uniar_rl.yaml [--cluster-file my_cluster.yaml]
     ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_uniar_rl.yaml cluster.address=auto
-The default config is the embedded demo: local Ray, tiny policy and decoder, a programmatic reward plus OCR, CPU.
+The default config is the embedded demo: local Ray, tiny policy, a tiny decoder whose colours follow the bits, a
+redness reward, CPU.
 Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, checkpoints/step-N/{model,trainer}).
 """
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import threading
 import time
@@ -26,8 +28,11 @@ from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
 from uniar_ray.data import resolve_data_path
 from uniar_ray.limits import check_grpo_inputs
 from uniar_ray.rollout import GenerationRequest, Rollout
+from uniar_ray.rollout.types import load_rollouts, save_rollouts
 from uniar_ray.runlog import RunDir, restore_rng
 from uniar_ray.tracking import Tracker
+
+PREFETCHED = "prefetched_rollouts.npz"  # in a checkpoint: the next step's roll-out, sampled before the update
 
 
 def main(argv: list[str] | None = None):
@@ -46,17 +51,18 @@ def main(argv: list[str] | None = None):
     step = 0
     tracker = None
     try:
-        step = resume(run, parts, candidates) if args.resume else 0
+        step, prefetched = resume(run, parts, candidates) if args.resume else (0, None)
         (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the run is really this one
         tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step)
-        pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
+        # one_step: step's roll-out is submitted now; after a resume it is the one the checkpoint saved
+        pending = parts.prefetch(step, prefetched) if cfg.async_mode == "one_step" or prefetched else None
         for step in range(step, cfg.steps):
             metrics, pending = grpo_step(cfg, parts, step, pending)
             run.log_metrics(metrics)
             tracker.log(metrics)
             parts.export(metrics)
             print(format_line(metrics), flush=True)
-            if (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:
+            if step == 0 or (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:  # first, every k, last
                 parts.save_grid(run, step)
             trained += not metrics["skipped_update"]
             if not metrics["skipped_update"] and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
@@ -89,14 +95,24 @@ def last_checkpoint_note(run: RunDir) -> str:
 
 
 def summarize(run: RunDir) -> None:
-    """One line a person can read at the end: how the reward moved (first 3 vs last 3 steps)."""
-    rows = [m for m in run.read_metrics() if m.get("reward_mean") is not None]
+    """One line a person can read at the end: how the reward moved (first 3 vs last 3 steps), against the per-step
+    noise of the mean reward."""
+    rows = [m["reward_mean"] for m in run.read_metrics() if m.get("reward_mean") is not None]
     if len(rows) >= 2:
         k = min(3, len(rows) // 2)
-        first = sum(m["reward_mean"] for m in rows[:k]) / k
-        last = sum(m["reward_mean"] for m in rows[-k:]) / k
+        first, last = sum(rows[:k]) / k, sum(rows[-k:]) / k
+        noise = step_noise(rows)
+        ratio = (last - first) / noise if noise > 0 else math.nan
         print(f"[grpo] mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} ({last - first:+.4f}); "
+              f"per-step noise {noise:.4f} (rise {ratio:.1f}x the noise); "
               f"curve: {run.path / 'reward_curve.png'}", flush=True)
+
+
+def step_noise(values: list[float]) -> float:
+    """Per-step noise of a curve: std of its second differences / sqrt(6), which is the std of white noise added
+    to a curve with a locally linear trend (the trend itself cancels; step-to-step differences would count it)."""
+    second = [values[i + 1] - 2 * values[i] + values[i - 1] for i in range(1, len(values) - 1)]
+    return statistics.stdev(second) / math.sqrt(6) if len(second) >= 2 else math.nan
 
 
 def grpo_step(cfg: GRPORunConfig, parts: "Parts", step: int, pending):
@@ -248,15 +264,19 @@ def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
     parts.trainer.save_model(folder / ckpt.MODEL_DIR / "ar_model")
     ckpt.link_decoder(folder / ckpt.MODEL_DIR, parts.cfg.decoder, run.path)
     (folder / "config.json").write_text(json.dumps(to_dict(parts.cfg), indent=2))
-    run.save_driver_state(folder, {"step": step, "data": parts.sampler.state_dict(),
+    rollouts = parts.prefetched_rollouts(step)
+    if rollouts is not None:  # one_step: sampled before this update, from the weights a resume no longer has
+        save_rollouts(folder / PREFETCHED, rollouts)
+    run.save_driver_state(folder, {"step": step, "data": parts.data_state(step),
                                    "data_fingerprint": run.identity["data_fingerprint"]})
     run.prune_checkpoints(parts.cfg.keep_checkpoints)
 
 
-def resume(run: RunDir, parts: "Parts", candidates: list) -> int:
+def resume(run: RunDir, parts: "Parts", candidates: list):
     """Load the newest loadable checkpoint (an unloadable one falls back to the next, with a warning naming both);
     later checkpoints are set aside and later metric lines dropped. No complete checkpoint at all: start over at step
-    0, and say so; complete ones that all fail to load: stop, changing nothing."""
+    0, and say so; complete ones that all fail to load: stop, changing nothing. Returns (next step, the roll-out
+    one_step had prefetched for it, or None)."""
     for i, folder in enumerate(candidates):
         try:
             parts.trainer.load_checkpoint(folder / "trainer")
@@ -271,14 +291,15 @@ def resume(run: RunDir, parts: "Parts", candidates: list) -> int:
         parts.sync_weights(state["step"])
         _rewind(run, state["step"])
         print(f"[grpo] resumed from {folder} at step {state['step']}", file=sys.stderr)
-        return state["step"]
+        prefetched = folder / PREFETCHED
+        return state["step"], load_rollouts(prefetched) if prefetched.exists() else None
     if candidates:
         raise SystemExit(f"[grpo] --resume: none of {', '.join(p.name for p in candidates)} in {run.path} could be "
                          "loaded (see the warnings above); nothing was changed. Start a new run (drop --resume or set "
                          "run_dir), or fix the environment that cannot read them.")
     _rewind(run, 0)
     print(f"[grpo] --resume: no complete checkpoint in {run.path}; starting over at step 0", file=sys.stderr)
-    return 0
+    return 0, None
 
 
 def _rewind(run: RunDir, step: int) -> None:
@@ -317,9 +338,13 @@ class Parts:
         self.last_reasons: list[str] = []  # why the last step's samples were excluded (their own causes only)
         self.weights = Weights(0)  # the policy the engines must sample with: model.path until the first sync
         self._pending = None  # the background stages 1-4 (one_step mode)
+        self._data_before: dict[int, dict] = {}  # step -> sampler position before its prompts were drawn
+        self._prefetched = None  # (step, object refs of its roll-out) while one_step has one in flight
 
     # 1-2 ----------------------------------------------------------------------------------------------------------
     def _requests(self, step: int):
+        self._data_before = {k: v for k, v in self._data_before.items() if k >= step - 1}
+        self._data_before[step] = self.sampler.state_dict()
         records = self.sampler.next_batch()
         g, c = self.cfg.grpo.num_generations, self.cfg
         reqs = []
@@ -351,15 +376,35 @@ class Parts:
             self.score(batch, images, m)
         return batch, images, m
 
-    def prefetch(self, step: int):
-        """Submit step ``step``'s roll-out now (ordered before any later weight update), finish 1-4 in a thread."""
+    def prefetch(self, step: int, rollouts: list | None = None):
+        """Submit step ``step``'s roll-out now (ordered before any later weight update), finish 1-4 in a thread.
+        rollouts: that roll-out already done (saved in the checkpoint a resume starts from): decode and score it."""
         from actors.group import split_even
 
         records, reqs = self._requests(step)
-        shards = split_even(reqs, len(self.rollout_group.actors))
-        refs = [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards) if s]
+        if rollouts is None:
+            shards = split_even(reqs, len(self.rollout_group.actors))
+            refs = [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards) if s]
+        else:
+            if [r.request_id for r in rollouts] != [q.request_id for q in reqs]:
+                raise RuntimeError(f"the checkpoint's prefetched roll-out is not step {step}'s (other requests): "
+                                   "was data.* or grpo.num_generations changed? resume with the same config")
+            refs = [ray.put(rollouts)]
+        self._prefetched = (step, refs)
         self._pending = in_background(self.collect, step, refs, records, reqs)
         return self._pending
+
+    def data_state(self, step: int) -> dict:
+        """The sampler position to resume at ``step`` from: before its prompts were drawn, also when a one_step
+        prefetch has drawn them already."""
+        return self._data_before.get(step) or self.sampler.state_dict()
+
+    def prefetched_rollouts(self, step: int) -> list | None:
+        """Step ``step``'s roll-out if one_step submitted it before the update (waits for it), else None."""
+        if self._prefetched is None or self._prefetched[0] != step:
+            return None
+        results = [x for part in ray.get(self._prefetched[1]) for x in part]
+        return results if all(isinstance(r, Rollout) for r in results) else None
 
     # 3 --------------------------------------------------------------------------------------------------------------
     def decode(self, batch):

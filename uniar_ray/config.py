@@ -495,6 +495,7 @@ class GRPOConfig:
     failure_window: int = 3
     # Loss (spec §7.7)
     beta: float = 0.01  # k3 KL weight; 0 = no reference policy
+    ref_model_path: str = ""  # the frozen KL reference (the reference's ref_model_name_or_path); "" = model.path
     epsilon: float = 0.2  # lower clip
     epsilon_high: float | None = None  # upper clip; None = epsilon
     delta: float | None = None  # two-sided clipping: upper bound on the ratio (must be > 1)
@@ -536,6 +537,9 @@ class GRPOConfig:
             raise ConfigError("grpo.adam_beta1/adam_beta2 must be in [0, 1) and adam_epsilon > 0")
         if self.beta < 0:
             raise ConfigError(f"grpo.beta={self.beta}: the KL weight must be >= 0")
+        if self.ref_model_path and self.beta == 0:
+            raise ConfigError(f"grpo.ref_model_path={self.ref_model_path!r} with grpo.beta=0: no KL term, so no "
+                              "reference model is loaded; set grpo.beta > 0 or leave ref_model_path empty")
         if not 0 <= self.epsilon < 1:
             raise ConfigError(f"grpo.epsilon={self.epsilon}: the lower clip must be in [0, 1)")
         if self.epsilon_high is not None and self.epsilon_high < 0:
@@ -596,6 +600,9 @@ class TrainerConfig:
     num_threads: int = 0  # torch threads per actor (0: torch's default)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     timeout_s: float = 3600.0  # per driver wait on the trainers (a step, a weight publish, a checkpoint)
+    # Recompute layer activations in the backward pass (on in the reference, TRL's default): same gradients,
+    # activation memory per micro-batch ~ one layer instead of all of them, about one extra forward of compute.
+    gradient_checkpointing: bool = True
 
     def __post_init__(self):
         if not self.timeout_s > 0:
@@ -654,10 +661,12 @@ class GRPORunConfig:
     ar_height: int = 512  # the reference's IMAGE_HEIGHT / IMAGE_WIDTH in RL (N = 256)
     ar_width: int = 512
     decode_upsampling_ratio: float = 1.0  # RL decodes at the AR size (the reference's decode server)
-    # The decoder's initial noise. fixed: the same noise (seed grpo.seed) for every sample of every step, so reward
-    # differences come from the bits alone (the reference's decode server also re-creates the same generator seed
-    # for every batch); group: shared by the G samples of a prompt, new per group; sample: its own per sample.
-    decode_seed: str = "fixed"
+    # The decoder's initial noise per image. sample (default, the reference's behaviour: its RL decode server
+    # draws fresh noise for every image): its own per sample, reproducible from the sample's seed. group: shared by
+    # the G samples of a prompt, new per group. fixed: the same noise (seed grpo.seed) for every sample of every
+    # step - a variance reduction for small demos (reward differences then come from the bits alone), not what the
+    # reference trains with.
+    decode_seed: str = "sample"
     steps: int = 500
     async_mode: str = "sync"  # sync | one_step (decode + score of step k overlap the roll-out of step k+1)
     run_dir: str = "runs/grpo"
@@ -832,6 +841,9 @@ class DecoderConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "cpu"  # cpu | cuda | cuda:N
     tiny_seed: int = 0
+    # tiny only: initialised so that the pixel colours follow the bits (the GRPO demo's decoder; see
+    # uniar_ray/decoder/tiny.py::make_bit_driven). The random tiny decoder's pixels barely depend on them.
+    tiny_bit_driven: bool = False
     # None: the bsq_encoder config.json value when it has one, else true (the reference library's value; its decode
     # server defaults to false, which passes deepstack levels through merger.norm).
     inference_skip_final_layernorm: bool | None = None
@@ -851,6 +863,8 @@ class DecoderConfig:
     def __post_init__(self):
         _check_choice("decoder.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         check_upsampling_ratio("decoder.upsampling_ratio", self.upsampling_ratio)
+        if self.tiny_bit_driven and self.path != "tiny":
+            raise ConfigError(f"decoder.tiny_bit_driven applies to decoder.path=tiny only, not {self.path!r}")
         if self.num_inference_steps < 1:
             raise ConfigError("decoder.num_inference_steps must be >= 1")
         if min(self.num_actors, self.max_batch, self.max_inflight_per_actor) < 1:

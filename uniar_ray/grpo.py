@@ -233,6 +233,26 @@ def truncated_is_ratio(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: 
     return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchCounts:
+    """Denominators of the loss over a whole generation batch: every micro-batch on every rank (the driver counts
+    them once, every rank gets the same). With them each loss type is normalised once per generation batch, so
+    the gradient does not depend on how the batch is cut into micro-batches and ranks (see ``reduce_loss``)."""
+
+    num_samples: int  # samples of the generation batch, excluded ones included (grpo's mean over samples)
+    num_bits: float  # bits that count (mask > 0) over the batch: bnpo's denominator
+    num_tokens: float  # AR tokens of the samples that count: dapo's, TRL's num_items_in_batch
+    num_processes: int = 1  # ranks whose gradients are averaged (DeepSpeed divides their sum by this)
+
+
+def batch_counts(sample_mask: torch.Tensor, n_tokens: int, bits_per_token: int, num_processes: int = 1) -> BatchCounts:
+    """``BatchCounts`` of a generation batch whose samples all have ``n_tokens`` AR tokens of ``bits_per_token``
+    bits; sample_mask: [B] bool over the whole batch (all ranks), False = excluded (masked in the loss)."""
+    active = int(sample_mask.sum())
+    return BatchCounts(num_samples=int(sample_mask.numel()), num_bits=float(active * n_tokens * bits_per_token),
+                       num_tokens=float(active * n_tokens), num_processes=int(num_processes))
+
+
 def reduce_loss(
     per_bit_loss: torch.Tensor,
     mask: torch.Tensor,
@@ -242,9 +262,11 @@ def reduce_loss(
     max_completion_length: int = 256,
     num_items_in_batch: float | None = None,
     num_processes: int = 1,
+    batch: BatchCounts | None = None,
 ) -> torch.Tensor:
     """Reduce per-bit losses [B, N, K] (K bits per AR token) with mask [B, N, K] to a scalar, as the reference does.
 
+    Without ``batch``, TRL's per-micro-batch formulas (the micro-batch is one of ``grad_accum``):
     - "grpo": per-sample mean over bits (masked), mean over samples, / grad_accum. With ``bsq_loss_normalize``
       the per-sample *sum* over bits is divided by N (AR tokens) instead: K x larger (1024x for the published
       model) - the reference's unit quirk, reproduced.
@@ -255,9 +277,22 @@ def reduce_loss(
       of the whole generation batch over all processes while the sum runs over bits: K x the "grpo" scale, as in
       the reference. None -> B*N (this micro-batch alone is the batch).
     A fully masked sample contributes 0 and still counts in "grpo"'s mean over samples (TRL semantics).
+
+    With ``batch`` (what the trainer uses) the same numerators are divided by whole-generation-batch counts,
+    times ``batch.num_processes`` because the ranks' gradients are averaged: grpo / num_samples, bnpo /
+    num_bits, dr_grpo / (num_samples * max_completion_length), dapo / num_tokens. The micro-batches' and ranks'
+    gradients then add up to the loss of the whole batch. With equal micro-batches and nothing masked that is
+    exactly TRL's value per micro-batch; with a short last micro-batch or excluded samples TRL's per-micro-batch
+    denominators would weigh bits unequally, these do not. ``grad_accum``, ``num_items_in_batch`` and
+    ``num_processes`` must then be left at their defaults.
     """
     B, N = per_bit_loss.shape[:2]
     masked = per_bit_loss * mask
+    if batch is not None:
+        if grad_accum != 1 or num_items_in_batch is not None or num_processes != 1:
+            raise ValueError("reduce_loss: pass either batch= (whole-batch counts) or grad_accum/num_items_in_batch/"
+                             "num_processes (per-micro-batch formulas), not both")
+        return _reduce_over_batch(masked, mask, loss_type, bsq_loss_normalize, max_completion_length, batch)
     if loss_type == "grpo":
         per_sample = masked.flatten(1).sum(-1)
         denom = float(N) if bsq_loss_normalize else mask.flatten(1).sum(-1).clamp(min=1.0)
@@ -269,6 +304,22 @@ def reduce_loss(
     if loss_type == "dapo":
         items = float(B * N) if num_items_in_batch is None else float(num_items_in_batch)
         return masked.sum() / (items / num_processes)
+    raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+
+
+def _reduce_over_batch(masked, mask, loss_type, bsq_loss_normalize, max_completion_length, batch: BatchCounts):
+    """``reduce_loss`` with whole-generation-batch denominators (masked = per-bit loss * mask, [B, N, K])."""
+    w = float(batch.num_processes)
+    if loss_type == "grpo":
+        per_sample = masked.flatten(1).sum(-1)
+        denom = float(masked.shape[1]) if bsq_loss_normalize else mask.flatten(1).sum(-1).clamp(min=1.0)
+        return (per_sample / denom).sum() * w / max(batch.num_samples, 1)
+    if loss_type == "bnpo":
+        return masked.sum() * w / max(batch.num_bits, 1.0)
+    if loss_type == "dr_grpo":
+        return masked.sum() * w / (max(batch.num_samples, 1) * max_completion_length)
+    if loss_type == "dapo":
+        return masked.sum() * w / max(batch.num_tokens, 1.0)
     raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
 
 
@@ -285,18 +336,21 @@ def policy_loss(
     grad_accum: int = 1,
     num_items_in_batch: float | None = None,
     num_processes: int = 1,
+    batch: BatchCounts | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped per-bit GRPO loss of one micro-batch, and its metrics.
 
     logp: [B, N, L, U, D] (or [B, N, K]) per-bit log-probs under the policy being trained, with gradient.
-    advantages: [B]. old_logp: same shape, the policy that produced the samples as scored by the trainer; None ->
-    logp.detach() (on-policy: ratio exactly 1, so at the first iteration the loss is -mean(A) = 0 with a non-zero
-    gradient). ref_logp: same shape, the frozen reference (needed when beta != 0). rollout_logp: same shape, the
+    advantages: [B]. old_logp: same shape, the policy that produced the samples as scored by the trainer before
+    the first update of this generation batch (needed with num_iterations > 1, where the later passes are
+    off-policy and the clipping acts); None -> logp.detach() (on-policy: ratio exactly 1, so at the first
+    iteration the loss is -mean(A) = 0 with a non-zero gradient). ref_logp: same shape, the frozen reference (needed when beta != 0). rollout_logp: same shape, the
     rollout engine's sampling log-probs; with ``vllm_importance_sampling_correction`` the per-bit loss is multiplied
     by ``truncated_is_ratio(old_logp, rollout_logp, vllm_importance_sampling_cap)``. They must be of the same
     distribution (same temperature; CFG scale 1 at rollout), otherwise turn the correction off.
     mask: bits that count, [B, N, ...] (default all). sample_mask: [B] bool, False = the sample is left out
-    (excluded rows of ``group_advantages``): its bits are masked.
+    (excluded rows of ``group_advantages``): its bits are masked. batch: whole-generation-batch denominators
+    (``reduce_loss``); without it grad_accum / num_items_in_batch / num_processes give TRL's per-micro-batch ones.
 
     Per bit: rho = exp(log importance weight) (token or sequence level), rho_hat = clamp(rho, 1 - epsilon,
     1 + epsilon_high); with ``delta`` rho is also clamped from above at delta; l = -min(rho*A, rho_hat*A),
@@ -352,7 +406,7 @@ def policy_loss(
             metrics["kl"] = float(_masked_mean(kl, flat_m))
 
     loss = reduce_loss(per_bit.reshape(B, N, -1), m, cfg.loss_type, cfg.bsq_loss_normalize, grad_accum,
-                       cfg.max_completion_length, num_items_in_batch, num_processes)
+                       cfg.max_completion_length, num_items_in_batch, num_processes, batch)
 
     with torch.no_grad():
         low = (coef_1 < 1 - eps_low) & (adv < 0)

@@ -37,7 +37,7 @@ def test_two_ranks_update_parameters_identically(ray_local):
     m0 = group.train_step(samples)
     assert math.isfinite(m0["loss"]) and m0["grad_norm"] > 0
     assert abs(m0["loss"]) < 1e-3  # on-policy first iteration: loss value 0 (zero-mean advantages), gradient not
-    assert m0["clip_ratio/region_mean"] == 0.0
+    # (clipping: mu = 1 cannot clip, mu = 2 does - test_trainer_grpo.py::test_num_iterations_two_clips_and_one_does_not)
     m1 = group.train_step(samples)
     assert math.isfinite(m1["loss"]) and "kl" in m1
     after = group.trainable_state()

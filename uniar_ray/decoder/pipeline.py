@@ -117,12 +117,14 @@ class UniARDecoder:
         return cls(vision, transformer, vae, scheduler, embeds, deepstack_norm=not skip, max_batch=max_batch)
 
     @classmethod
-    def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = "cpu", **kwargs) -> "UniARDecoder":
-        """A seeded tiny decoder, written as a four-folder checkpoint and loaded back through ``from_pretrained``."""
+    def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, device: Any = "cpu", bit_driven: bool = False,
+             **kwargs) -> "UniARDecoder":
+        """A seeded tiny decoder, written as a four-folder checkpoint and loaded back through ``from_pretrained``.
+        bit_driven: the demo's variant whose pixel colours follow the bits (``tiny.make_bit_driven``)."""
         from .tiny import write_tiny_decoder_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="uniar-tiny-decoder-") as tmp:
-            root = write_tiny_decoder_checkpoint(Path(tmp) / "ckpt", seed=seed, ar_model=False)
+            root = write_tiny_decoder_checkpoint(Path(tmp) / "ckpt", seed=seed, ar_model=False, bit_driven=bit_driven)
             return cls.from_pretrained(root, dtype=dtype, device=device, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -359,5 +361,5 @@ def load_decoder(cfg) -> UniARDecoder:
     kwargs = dict(dtype=DTYPES[cfg.dtype], device=cfg.device, max_batch=cfg.max_batch,
                   inference_skip_final_layernorm=cfg.inference_skip_final_layernorm)
     if cfg.path == "tiny":
-        return UniARDecoder.tiny(seed=cfg.tiny_seed, **kwargs)
+        return UniARDecoder.tiny(seed=cfg.tiny_seed, bit_driven=cfg.tiny_bit_driven, **kwargs)
     return UniARDecoder.from_pretrained(cfg.path, **kwargs)

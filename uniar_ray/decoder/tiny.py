@@ -146,12 +146,68 @@ def build_tiny_pipeline_parts(seed: int = 0, with_t5: bool = True) -> dict:
     return parts
 
 
+def make_bit_driven(transformer: SD3TransformerWithBSQ, vae, seed: int = 0) -> None:
+    """Re-initialise a tiny transformer and VAE in place so that each image patch's colour follows its bits (the
+    GRPO demo's decoder: a policy that changes its bits visibly changes the picture).
+
+    - Transformer: the joint blocks' residual gates and the output modulation are zeroed (each block passes the
+      image tokens through unchanged), the latent patch embedding is scaled down and the BSQ injection drawn
+      with std 1, so the velocity is ~ proj_out(LayerNorm(projected features)): a function of the bits alone.
+      Euler steps from sigma 1 to 0 integrate it exactly: latent = noise - velocity.
+    - VAE decoder: a near-identity path. conv_in copies the 4 latent channels (and their negatives), resnets,
+      attention and upsamplers pass through (nearest upsampling x8), and conv_out reads a palette: red from
+      latent channel 0 - 1, green and blue from channel 2 - 3. After the final GroupNorm each patch is one of red,
+      white, black or cyan, chosen by the signs of two linear functions of its bits.
+    """
+    gen = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            lin, d = block.norm1.linear, block.norm1.linear.out_features // 6
+            for chunk in (2, 5):  # gate_msa, gate_mlp of AdaLayerNormZero
+                lin.weight[chunk * d:(chunk + 1) * d] = 0.0
+                lin.bias[chunk * d:(chunk + 1) * d] = 0.0
+        transformer.norm_out.linear.weight.zero_()
+        transformer.norm_out.linear.bias.zero_()
+        transformer.pos_embed.proj.weight.mul_(0.1)
+        w = transformer.siglip_embed_add_latent.weight
+        w.copy_(torch.randn(w.shape, generator=gen))
+        transformer.proj_out.weight.mul_(3.0)
+        dec = vae.decoder
+        for m in dec.modules():
+            kind = type(m).__name__
+            if kind == "ResnetBlock2D":
+                m.conv2.weight.zero_()
+                m.conv2.bias.zero_()
+            elif kind == "Attention":
+                m.to_out[0].weight.zero_()
+                m.to_out[0].bias.zero_()
+            elif kind == "Upsample2D":
+                _identity_conv(m.conv)
+        dec.conv_in.weight.zero_()
+        dec.conv_in.bias.zero_()
+        for c in range(4):
+            dec.conv_in.weight[c, c, 1, 1], dec.conv_in.weight[c + 4, c, 1, 1] = 1.0, -1.0
+        dec.conv_norm_out.weight.fill_(1.0)
+        dec.conv_norm_out.bias.zero_()
+        dec.conv_out.weight.zero_()
+        dec.conv_out.bias.zero_()
+        for rgb, (pos, neg) in enumerate(((0, 1), (2, 3), (2, 3))):
+            dec.conv_out.weight[rgb, pos, 1, 1], dec.conv_out.weight[rgb, neg, 1, 1] = 3.0, -3.0
+
+
+def _identity_conv(conv) -> None:
+    conv.weight.zero_()
+    conv.bias.zero_()
+    for c in range(conv.weight.shape[0]):
+        conv.weight[c, c, conv.weight.shape[2] // 2, conv.weight.shape[3] // 2] = 1.0
+
+
 def write_tiny_decoder_checkpoint(folder: str | Path, seed: int = 0, ar_model: bool = True, ar_at_root: bool = False,
-                                  with_t5: bool = True, injection_std: float = 0.3) -> Path:
+                                  with_t5: bool = True, injection_std: float = 0.3, bit_driven: bool = False) -> Path:
     """Write a tiny UniAR checkpoint in the published layout and return its root.
 
     ar_model: also write the tiny AR model (``root/ar_model``, or ``root`` itself with ``ar_at_root``); the
-    decoder does not read it, the layout test does.
+    decoder does not read it, the layout test does. bit_driven: see ``make_bit_driven``.
     """
     from diffusers import StableDiffusion3Pipeline
 
@@ -167,8 +223,11 @@ def write_tiny_decoder_checkpoint(folder: str | Path, seed: int = 0, ar_model: b
 
     cfg = bsq.cfg
     transformer = build_tiny_transformer(seed, cfg.num_levels * cfg.hidden_size, injection_std)
+    parts = build_tiny_pipeline_parts(seed, with_t5)
+    if bit_driven:
+        make_bit_driven(transformer, parts["vae"], seed)
     transformer.save_pretrained(root / "sd3_transformer")
-    pipe = StableDiffusion3Pipeline(transformer=None, **build_tiny_pipeline_parts(seed, with_t5))
+    pipe = StableDiffusion3Pipeline(transformer=None, **parts)
     pipe.save_pretrained(root / "sd3_pipeline")
     return root
 

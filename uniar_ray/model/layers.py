@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .configuration import TextConfig
@@ -366,6 +367,7 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = MRoPE(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        self.gradient_checkpointing = False  # see run_layer
 
     def forward(
         self,
@@ -382,12 +384,21 @@ class TextModel(nn.Module):
         cos, sin = rope if rope is not None else self.rotary_emb(positions, embeds.dtype)
         h = embeds
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i, start)
+            h = run_layer(layer, self.gradient_checkpointing, h, cos, sin, mask, cache, i, start)
             if deepstack is not None and i < len(deepstack):
                 # visual_mask None: every position is an image position (a decode step), rows [B * T, H]
                 h = h + deepstack[i].view(h.shape).to(h.dtype) if visual_mask is None else \
                     add_at_mask(h, visual_mask, deepstack[i])
         return self.norm(h) if final_norm else h
+
+
+def run_layer(layer: nn.Module, checkpointed: bool, h, cos, sin, mask, cache: KVCache | None, i: int, start: int):
+    """layer(h, ...), or with gradient checkpointing (training only: no cache, gradients on) through
+    torch.utils.checkpoint: the layer's activations are recomputed in the backward pass instead of kept, trading
+    one extra forward per layer for memory (the reference trains with it on)."""
+    if checkpointed and cache is None and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+    return layer(h, cos, sin, mask, cache, i, start)
 
 
 def add_at_mask(h: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from . import understanding
 from .configuration import UniARConfig
-from .layers import ATTN_IMPLS, DecoderLayer, RMSNorm, TextModel, attention_mask
+from .layers import ATTN_IMPLS, DecoderLayer, RMSNorm, TextModel, attention_mask, run_layer
 from .loading import load_state_dict_strict, resolve_ar_folder, save_safetensors
 from .positions import image_grid, rope_positions
 from .prompts import check_ar_size, load_tokenizer
@@ -93,6 +93,11 @@ class UniARPolicy(nn.Module):
         if self.generation_config:
             (folder / "generation_config.json").write_text(json.dumps(self.generation_config, indent=2))
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each backbone and visual-decoder layer in the backward pass instead of keeping its
+        activations (training forwards only; generation with a KV cache is unaffected)."""
+        self.model.language_model.gradient_checkpointing = bool(enabled)
+
     def set_attn_impl(self, impl: str) -> None:
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl={impl!r}: expected one of {ATTN_IMPLS}")
@@ -138,7 +143,7 @@ class UniARPolicy(nn.Module):
     def visual_stack(self, h, cos, sin, mask, cache=None, start: int = 0) -> torch.Tensor:
         """The visual-decoder layers over pre-norm backbone states h [B, T, H] (no final norm)."""
         for i, layer in enumerate(self.visual_decoder):
-            h = layer(h, cos, sin, mask, cache, i, start)
+            h = run_layer(layer, self.model.language_model.gradient_checkpointing, h, cos, sin, mask, cache, i, start)
         return h
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:

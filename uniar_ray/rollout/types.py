@@ -61,6 +61,42 @@ class Rollout:
         return unpack_bits(self.bits_packed, self.bits_shape)
 
 
+_ARRAYS = ("prompt_ids", "bits_packed", "logprobs")
+
+
+def save_rollouts(path, rollouts: list[Rollout]) -> None:
+    """Write rollouts to ``path`` (.npz, no pickle): the arrays as ``<i>/<field>``, the other fields as JSON."""
+    import json
+
+    arrays, meta = {}, []
+    for i, r in enumerate(rollouts):
+        row = {k: v for k, v in dataclasses.asdict(r).items() if k not in _ARRAYS}
+        row["has_logprobs"] = r.logprobs is not None
+        meta.append(row)
+        for k in _ARRAYS:
+            if getattr(r, k) is not None:
+                arrays[f"{i}/{k}"] = getattr(r, k)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_rollouts(path) -> list[Rollout]:
+    """The rollouts ``save_rollouts`` wrote, equal field for field."""
+    import json
+
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        out = []
+        for i, row in enumerate(meta):
+            has_logprobs = row.pop("has_logprobs")
+            row["bits_shape"] = tuple(row["bits_shape"])
+            row.update({k: z[f"{i}/{k}"] for k in _ARRAYS if k != "logprobs" or has_logprobs})
+            row.setdefault("logprobs", None)
+            out.append(Rollout(**row))
+    return out
+
+
 @dataclasses.dataclass
 class RolloutError:
     request_id: str
