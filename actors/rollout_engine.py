@@ -1,6 +1,6 @@
 """Ray actor hosting a rollout engine (torch now; vLLM through the same ``RolloutEngine`` protocol).
 
-    actor = RolloutEngineActor.options(num_cpus=1).remote(model_cfg)
+    actor = RolloutEngineActor.options(num_cpus=1).remote(model_cfg, rollout_cfg)   # engine: build_engine
     results = ray.get(actor.generate.remote([GenerationRequest(...), ...], weights))  # Rollout | RolloutError
     ray.get(actor.update_weights.remote(weights.ref, weights.version))       # in place, no restart
 Every engine knows the policy version it holds (0: ``model.path``; k: published after GRPO step k-1, i.e. k
@@ -18,9 +18,9 @@ from typing import Any
 import ray
 import torch
 
-from uniar_ray.config import ModelConfig
-from uniar_ray.model.factory import load_policy
-from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError, TorchRolloutEngine
+from uniar_ray.config import ModelConfig, RolloutConfig
+from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError
+from uniar_ray.rollout.factory import build_engine
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +39,11 @@ class Weights:
 # requests, so a retried roll-out gives the same samples; a restarted engine loads the current weights first).
 @ray.remote(max_restarts=2, max_task_retries=2)
 class RolloutEngineActor:
-    def __init__(self, model: ModelConfig, backend: str = "torch", max_batch: int = 16, num_threads: int = 0,
-                 vllm_kvcache_gib: float = 1.0):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        if backend == "vllm":  # imported here: vLLM is heavy and only this backend needs it
-            from uniar_ray.rollout.vllm_engine import VLLMRolloutEngine
-
-            self.engine = VLLMRolloutEngine.from_model_config(model, max_batch=max_batch, kvcache_gib=vllm_kvcache_gib)
-        elif backend == "torch":
-            policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed)
-            self.engine = TorchRolloutEngine(policy, max_batch=max_batch)
-        else:
-            raise ValueError(f"rollout backend {backend!r}: expected 'torch' or 'vllm'")
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig | None = None):
+        rollout = rollout or RolloutConfig()
+        if rollout.num_threads:
+            torch.set_num_threads(rollout.num_threads)
+        self.engine = build_engine(model, rollout)
         self.version = 0  # the policy as loaded from model.path
         self._tokens_per_s = _gauge("uniar_rollout_tokens_per_s", "AR image tokens generated per second (last call)")
         self._images = _counter("uniar_rollout_images", "images rolled out")

@@ -56,14 +56,15 @@ class TrainerActor:
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.model_cfg, self.grpo, self.trainer, self.total_steps, self.rank = model, grpo_cfg, trainer, total_steps, rank
         torch.manual_seed(grpo_cfg.seed + rank)
-        policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed).train()
+        policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed,
+                             attn_impl=model.attn_impl).train()
         policy.set_gradient_checkpointing(trainer.gradient_checkpointing)
         for name, p in policy.named_parameters():
             p.requires_grad_(trainable(name))
         self.ref = None
         if grpo_cfg.beta != 0.0:  # frozen, colocated; by default a copy of the starting policy
             self.ref = load_policy(grpo_cfg.ref_model_path or model.path, model.dtype, model.device,
-                                   model.tiny_seed).eval()
+                                   model.tiny_seed, attn_impl=model.attn_impl).eval()
             self.ref.requires_grad_(False)
         self.tokenizer = policy.tokenizer
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

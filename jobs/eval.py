@@ -271,22 +271,13 @@ class GenerateStage:
     """Rows -> bit-packed BSQ bits (``bits`` bytes, ``bits_shape`` [4]) with the rollout engine."""
 
     def __init__(self, model: dict, rollout: dict, settings: dict):
-        from uniar_ray.rollout import TorchRolloutEngine
+        from uniar_ray.rollout.factory import build_engine
 
         rollout_cfg = RolloutConfig(**rollout)
         _set_threads(rollout_cfg.num_threads, rollout_cfg.num_cpus)
         model_cfg = ModelConfig(**model)
         self.s = EvalSettings(**settings)
-        if rollout_cfg.backend == "vllm":  # imported here: vLLM is heavy and only this backend needs it
-            from uniar_ray.rollout.vllm_engine import VLLMRolloutEngine
-
-            self.engine = VLLMRolloutEngine.from_model_config(model_cfg, max_batch=rollout_cfg.max_batch,
-                                                              kvcache_gib=rollout_cfg.vllm_kvcache_gib)
-        else:
-            from uniar_ray.model.factory import load_policy
-
-            policy = load_policy(model_cfg.path, model_cfg.dtype, model_cfg.device, model_cfg.tiny_seed)
-            self.engine = TorchRolloutEngine(policy, max_batch=rollout_cfg.max_batch)
+        self.engine = build_engine(model_cfg, rollout_cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from uniar_ray.rollout import GenerationRequest, Rollout

@@ -324,7 +324,7 @@ class Parts:
         self.cfg = cfg
         r = cfg.rollout
         self.rollout_group = ActorGroup(RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-                                        cfg.model, r.backend, r.max_batch, r.num_threads, r.vllm_kvcache_gib)
+                                        cfg.model, r)
         self.decoder = DecoderPool(cfg.decoder)
         self.rewards = RewardGroup(cfg.rewards)
         self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps)

@@ -37,9 +37,13 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16
     device: str = "cpu"  # cpu | cuda | cuda:N
     tiny_seed: int = 0
+    # Attention kernels, the reference's --attn: sdpa (any device; unmasked flash kernels when nothing is padded),
+    # eager, or flash_attention_2 (the flash-attn package, CUDA; variable-length kernels for padded batches).
+    attn_impl: str = "sdpa"
 
     def __post_init__(self):
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("model.attn_impl", self.attn_impl, ("sdpa", "eager", "flash_attention_2"))
 
 
 @dataclasses.dataclass
@@ -453,9 +457,15 @@ class RolloutConfig:
     num_threads: int = 0  # torch threads inside the actor (0: torch's default)
     vllm_kvcache_gib: float = 1.0  # vllm: paged KV cache for both stacks (kv_cache_memory_bytes), GiB
     timeout_s: float = 1800.0  # per driver wait on a step's roll-out (and on a weight load); past it the job stops
+    # torch engine on CUDA (perf/RESULTS.md, "Rollout on a GPU"): record each decode step in a CUDA graph, and fuse
+    # each layer's elementwise work with torch.compile (a minute of compilation per process). Both off on CPU.
+    cuda_graph: bool = False
+    compile: bool = False
 
     def __post_init__(self):
         _check_choice("rollout.backend", self.backend, ("torch", "vllm"))
+        if (self.cuda_graph or self.compile) and self.backend != "torch":
+            raise ConfigError("rollout.cuda_graph and rollout.compile apply to rollout.backend=torch")
         if not self.timeout_s > 0:
             raise ConfigError(f"rollout.timeout_s={self.timeout_s}: must be > 0")
         if self.num_actors < 1 or self.max_batch < 1:

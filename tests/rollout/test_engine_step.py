@@ -151,3 +151,19 @@ def test_compiled_layers_give_the_same_bits(tiny_checkpoint):
     compiled = TorchRolloutEngine(UniARPolicy.from_pretrained(tiny_checkpoint), compile=True).generate(reqs())
     for a, b in zip(eager, compiled):
         assert torch.equal(a.bits(), b.bits()) and np.abs(a.logprobs - b.logprobs).max() < 1e-4
+
+
+def test_config_reaches_the_engine():
+    """model.attn_impl and rollout.cuda_graph/compile are read by the one engine factory (actor and eval)."""
+    from uniar_ray.config import ConfigError, ModelConfig, RolloutConfig
+    from uniar_ray.rollout.factory import build_engine
+
+    engine = build_engine(ModelConfig(attn_impl="eager"), RolloutConfig(max_batch=3))
+    assert engine.max_batch == 3 and not engine.cuda_graph
+    assert {m.impl for m in engine.policy.modules() if hasattr(m, "impl")} == {"eager"}
+    with pytest.raises(ValueError, match="cuda_graph=True needs the policy on a CUDA device"):
+        build_engine(ModelConfig(), RolloutConfig(cuda_graph=True))
+    with pytest.raises(ConfigError, match="apply to rollout.backend=torch"):
+        RolloutConfig(backend="vllm", compile=True)
+    with pytest.raises(ConfigError, match="model.attn_impl"):
+        ModelConfig(attn_impl="flash")

@@ -8,7 +8,7 @@ import ray
 import torch
 
 from actors.rollout_engine import RolloutEngineActor
-from uniar_ray.config import ModelConfig
+from uniar_ray.config import ModelConfig, RolloutConfig
 from uniar_ray.model import build_tiny_policy
 from uniar_ray.rollout import GenerationRequest, Rollout, TorchRolloutEngine
 
@@ -23,7 +23,7 @@ def ray_local():
 
 
 def test_vllm_backend_in_the_rollout_actor(ray_local):
-    actor = RolloutEngineActor.options(num_cpus=1).remote(ModelConfig(path="tiny"), backend="vllm", max_batch=4)
+    actor = RolloutEngineActor.options(num_cpus=1).remote(ModelConfig(path="tiny"), RolloutConfig(backend="vllm", max_batch=4))
     reqs = [GenerationRequest("a red cat", 64, 64, seed=1), GenerationRequest("a blue dog", 64, 64, seed=2)]
     out = ray.get(actor.generate.remote(reqs))
     ref = TorchRolloutEngine(build_tiny_policy(0)).generate(reqs)

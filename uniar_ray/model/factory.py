@@ -12,9 +12,12 @@ from .tiny import build_tiny_policy
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_policy(path: str = "tiny", dtype: str = "float32", device: str = "cpu", tiny_seed: int = 0) -> UniARPolicy:
+def load_policy(path: str = "tiny", dtype: str = "float32", device: str = "cpu", tiny_seed: int = 0,
+                attn_impl: str = "sdpa") -> UniARPolicy:
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
     if path == "tiny":
-        return build_tiny_policy(seed=tiny_seed, dtype=DTYPES[dtype]).to(device)
-    return UniARPolicy.from_pretrained(path, dtype=DTYPES[dtype], device=device)
+        policy = build_tiny_policy(seed=tiny_seed, dtype=DTYPES[dtype]).to(device)
+        policy.set_attn_impl(attn_impl)
+        return policy
+    return UniARPolicy.from_pretrained(path, dtype=DTYPES[dtype], device=device, attn_impl=attn_impl)
