@@ -5,3 +5,26 @@ CONFIG_SCHEMAS maps a config file (by stem, or by its folder under configs/) to 
 from uniar_ray.config import DemoConfig, EvalConfig, GRPORunConfig, SweepConfig
 
 CONFIG_SCHEMAS = {"demo": DemoConfig, "eval": EvalConfig, "sweep": SweepConfig, "grpo_demo": GRPORunConfig}
+
+
+def start_ray(cfg) -> bool:
+    """Join ``cfg.cluster.address`` when it is set, else start an embedded local Ray (``address="local"``: never an
+    unrelated Ray on the machine, nor RAY_ADDRESS from the environment); say which. True when this call started it."""
+    import os
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    c = cfg.cluster
+    if c.address:
+        ray.init(address=c.address)
+        print(f"[ray] joined the cluster at {c.address} (GCS {ray.get_runtime_context().gcs_address})", file=sys.stderr)
+    else:
+        ignored = f"; RAY_ADDRESS={os.environ['RAY_ADDRESS']} ignored" if os.environ.get("RAY_ADDRESS") else ""
+        ray.init(address="local", num_cpus=c.num_cpus or None, include_dashboard=c.dashboard,
+                 log_to_driver=c.log_to_driver)
+        print(f"[ray] started an embedded local Ray (GCS {ray.get_runtime_context().gcs_address}{ignored}; "
+              f"set cluster.address=auto to join a cluster)", file=sys.stderr)
+    return True

@@ -31,6 +31,7 @@ from benchmarks.common import (
     iter_prompts,
     remove_stale_temps,
 )
+from jobs import start_ray
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
 
 MAX_PRINTED_FAILURES = 20
@@ -57,20 +58,6 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     (plan.out_dir / "config.json").write_text(json.dumps(plan.config_record(), indent=2) + "\n")
     stats = stream(plan) if plan.rows else {"seconds": 0.0, "startup_s": 0.0, "written": 0}
     return finish(plan, stats)
-
-
-def start_ray(cfg: Any) -> bool:
-    """Join ``cluster.address`` or start an embedded local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address)
-    else:  # address="local": a new embedded instance even when another Ray runs on this machine
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=cfg.cluster.dashboard,
-                 log_to_driver=cfg.cluster.log_to_driver)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------

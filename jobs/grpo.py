@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import ray
 
+from jobs import start_ray
 from uniar_ray import grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
 from uniar_ray.rollout import GenerationRequest, Rollout
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None):
     start_ray(cfg)
     parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
     try:
+        record_placement(run, parts)
         step = resume(run, parts) if args.resume else 0
         pending = parts.prefetch(step) if cfg.async_mode == "one_step" else None
         for step in range(step, cfg.steps):
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None):
                 parts.save_grid(run, step)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 save_checkpoint(run, parts, step + 1)
+        record_placement(run, parts, digests=True)
     except FloatingPointError as e:  # a NaN loss: stop with a message, keep the last good checkpoint
         raise SystemExit(f"[grpo] {e}") from None
     finally:
@@ -125,14 +128,19 @@ def format_line(m: dict) -> str:
             f"{m['step_time_s']:.1f}s")
 
 
-def start_ray(cfg: GRPORunConfig) -> None:
-    if ray.is_initialized():
-        return
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address)
-    else:  # embedded local Ray (laptop, CI); the dashboard shows the exported metrics
-        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=cfg.cluster.dashboard,
-                 log_to_driver=cfg.cluster.log_to_driver)
+def record_placement(run: RunDir, parts: "Parts", digests: bool = False) -> None:
+    """placement.json: the Ray the run used and each trainer rank's node; at the end, each rank's parameter digest
+    (data-parallel ranks must agree; a mismatch is printed)."""
+    path = run.path / "placement.json"
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    rec.update(gcs_address=ray.get_runtime_context().gcs_address, driver_node_ip=ray.util.get_node_ip_address(),
+               trainer_node_ips=parts.trainer.node_ips())
+    if digests:
+        rec["trainer_param_sha256"] = parts.trainer.param_digests()
+        if len(set(rec["trainer_param_sha256"])) > 1:
+            print(f"[grpo] warning: trainer ranks hold different parameters: {rec['trainer_param_sha256']}",
+                  file=sys.stderr)
+    path.write_text(json.dumps(rec, indent=2) + "\n")
 
 
 def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
