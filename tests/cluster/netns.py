@@ -114,6 +114,20 @@ class Cluster:
     def popen(self, node: str, cmd: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
         return subprocess.Popen(self.command(node, cmd), env=env or self.env(node), text=True, **kw)
 
+    def http_get(self, node: str, url: str, token: bool = True, timeout: float = 30) -> tuple[int, str]:
+        """(status, body) of a GET from inside ``node``'s namespace, with the cluster's token or without one."""
+        header = ["-H", f"Authorization: Bearer {self.token_path.read_text().strip()}"] if token else []
+        out = self.run(node, ["curl", "-s", "-m", str(int(timeout)), "-w", "\n%{http_code}", *header, url],
+                       timeout=timeout + 10)
+        body, _, code = out.stdout.rpartition("\n")
+        return int(code or 0), body
+
+    def submit(self, entrypoint: list[str], working_dir: Path, timeout: float = 600, **kw) -> subprocess.Popen:
+        """``ray job submit`` from inside the head namespace (token from the cluster's file); waits for the job."""
+        cmd = [self.ray, "job", "submit", "--address", self.dashboard, "--working-dir", str(working_dir), "--",
+               *entrypoint]
+        return self.popen("head", cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
     def pids(self, node: str) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.ns(node)], capture_output=True, text=True)
         return [int(p) for p in out.stdout.split()] if out.returncode == 0 else []
