@@ -51,12 +51,17 @@ def cluster(cluster_lock):
         atexit.unregister(c.down)
 
 
+def bring_back_workers(c: Cluster) -> Cluster:
+    """Start every worker that is down (a test that killed a node leaves it to the next one to bring back)."""
+    missing = [w for w in c.workers if not c.pids(w)]
+    for w in missing:
+        c.start_worker(w)
+    if missing:
+        c.wait_nodes(len(c.nodes))
+    return c
+
+
 @pytest.fixture()
 def healthy(cluster):
-    """The cluster with every node running (a test that killed a node leaves it to the next one to bring back)."""
-    missing = [w for w in cluster.workers if not cluster.pids(w)]
-    for w in missing:
-        cluster.start_worker(w)
-    if missing:
-        cluster.wait_nodes(len(cluster.nodes))
-    return cluster
+    """The cluster with every node running."""
+    return bring_back_workers(cluster)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import REPO
+from tests.cluster.conftest import REPO, bring_back_workers
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,9 @@ def scrape(cluster, node: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference_run(healthy, tmp_path_factory):
+def reference_run(cluster, tmp_path_factory):
     """The uninterrupted 3-step GRPO run over both workers, with the head's metrics endpoint scraped while it runs."""
+    healthy = bring_back_workers(cluster)
     run_dir = tmp_path_factory.mktemp("grpo") / "full"
     t0 = time.monotonic()
     proc = healthy.submit(grpo_cmd(run_dir), REPO)
