@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import REPO, bring_back_workers
+from tests.cluster.test_monitoring import dashboard_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +78,7 @@ def reference_run(cluster, tmp_path_factory):
 
 def test_grpo_job_over_two_worker_nodes(reference_run, healthy):
     r = reference_run
-    assert r["rc"] == 0 and "succeeded" in r["out"], r["out"][-3000:]
+    assert r["rc"] == 0 and "succeeded" in r["out"] and "[grpo] step    2" in r["out"], r["out"][-3000:]
     rows = metrics(r["run_dir"])
     assert [m["step"] for m in rows] == [0, 1, 2]
     assert all(m["train/loss"] == m["train/loss"] for m in rows)  # finite, not NaN
@@ -96,6 +97,8 @@ def test_metrics_endpoint_shows_grpo_figures(reference_run):
     for name in ("uniar_grpo_reward_mean", "uniar_grpo_time_rollout", "uniar_grpo_time_decode",
                  "uniar_grpo_time_score", "uniar_grpo_time_update", "uniar_grpo_time_sync"):
         assert name in scraped, f"{name} not exported on the head's metrics endpoint"
+    charted = {m for m in dashboard_metrics() if m.startswith("uniar_grpo_")} - {"uniar_grpo_time_wait_prefetch"}
+    assert not [m for m in charted if m not in scraped], "the Grafana dashboard charts GRPO figures nobody exports"
 
 
 def test_eval_job_on_workers_writes_what_a_local_run_writes(healthy, tmp_path):
