@@ -43,8 +43,8 @@ def cluster(cluster_lock):
     """A head (CPU: 0) and two workers (2 CPUs each), each in its own namespace with its own address."""
     c = Cluster(prefix=PREFIX, subnet=SUBNET)
     atexit.register(c.down)  # also when the session dies before the finaliser runs
-    c.formed_in = c.up()
     try:
+        c.formed_in = c.up()
         yield c
     finally:
         c.down()
