@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None):
         record_placement(run, parts, digests=True)
     except FloatingPointError as e:  # a NaN loss: stop with a message, keep the last good checkpoint
         raise SystemExit(f"[grpo] {e}") from None
+    except ray.exceptions.RayError as e:  # when a node went away, say so in one line instead of a remote traceback
+        lost = parts.lost_nodes()
+        if not lost:
+            raise
+        raise SystemExit(f"[grpo] lost Ray node(s) {', '.join(lost)} ({type(e).__name__}); stopping. Last good "
+                         f"checkpoint: {run.latest_checkpoint() or 'none'}; bring the node(s) back and rerun with "
+                         f"--resume") from None
     finally:
         run.plot_rewards()
         parts.close()
@@ -190,6 +197,7 @@ class Parts:
         self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
         self.metrics = _Metrics()
         self.last_batch = self.last_images = None
+        self.nodes_at_start = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
 
     # 1-2 ----------------------------------------------------------------------------------------------------------
     def _requests(self, step: int):
@@ -270,6 +278,19 @@ class Parts:
     def sync_weights(self) -> None:
         state_ref = ray.put(self.trainer.trainable_state())
         ray.get(self.rollout_group.broadcast("update_weights", state_ref))
+
+    def lost_nodes(self, wait_s: float = 45.0) -> list[str]:
+        """Addresses of the nodes alive when the run started and dead now. A killed node is declared dead only after
+        its missed health checks (~15-30 s), while its actors' errors arrive at once: wait up to ``wait_s`` for that."""
+        others = {i: ip for i, ip in self.nodes_at_start.items() if i != ray.get_runtime_context().get_node_id()}
+        deadline = time.monotonic() + wait_s
+        while others:  # a single-node (local) run cannot lose a node and still be here
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            lost = sorted(ip for i, ip in others.items() if i not in alive)
+            if lost or time.monotonic() > deadline:
+                return lost
+            time.sleep(1.0)
+        return []
 
     # ---------------------------------------------------------------------------------------------------------------
     def export(self, m: dict) -> None:

@@ -102,8 +102,9 @@ def test_metrics_endpoint_shows_grpo_figures(reference_run):
 
 
 def test_eval_job_on_workers_writes_what_a_local_run_writes(healthy, tmp_path):
-    args = ["--config", "configs/eval/quick_tiny.yaml", "benchmark.limit=2", "progress=false",
-            f"tiny_cache={tmp_path / 'tiny'}"]
+    prompts = REPO.parent / "shared" / "data" / "uniar" / "eval_prompts" / "geneval_long.jsonl"  # not uploaded
+    args = ["--config", "configs/eval/quick_tiny.yaml", "benchmark.limit=2", f"benchmark.prompt_file={prompts}",
+            "progress=false", f"tiny_cache={tmp_path / 'tiny'}"]
     job = healthy.submit([sys.executable, "-m", "jobs.eval", *args, f"out_dir={tmp_path / 'cluster'}",
                           "cluster.address=auto"], REPO)
     out = finish(job, timeout=300)
