@@ -162,6 +162,7 @@ def resume(run: RunDir, parts: "Parts") -> int:
     folder = run.latest_checkpoint()
     if folder is None:
         print(f"[grpo] --resume: no complete checkpoint in {run.path}; starting at step 0", file=sys.stderr)
+        run.truncate_metrics(0)  # the lines of the earlier attempt are run again
         return 0
     state = json.loads((folder / "driver_state.json").read_text())
     parts.trainer.load_checkpoint(folder / "trainer")

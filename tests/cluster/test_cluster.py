@@ -162,7 +162,7 @@ def test_dead_reward_pool_stops_the_job_within_the_failure_budget(healthy, tmp_p
     run_dir = tmp_path / "run"
     proc = healthy.submit(grpo_cmd(run_dir, "steps=8", "rewards.max_restarts=0", "rewards.max_task_retries=0",
                                    "grpo.max_excluded_fraction=0.5", "grpo.failure_window=3", config=str(config)), REPO)
-    wait_for(lambda: (run_dir / "checkpoints" / "step-000001").exists(), 400, "checkpoint of step 1", proc)
+    wait_for(lambda: (run_dir / "checkpoints" / "step-000001" / "driver_state.json").exists(), 400, "checkpoint of step 1", proc)
     assert _kill_reward_actors(healthy) >= 1
     out = finish(proc, timeout=300)
     assert proc.returncode != 0 and "target_color" in out, out[-3000:]
@@ -176,7 +176,7 @@ def test_dead_reward_pool_stops_the_job_within_the_failure_budget(healthy, tmp_p
 def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_run, healthy, tmp_path):
     run_dir = tmp_path / "run"
     proc = healthy.submit(grpo_cmd(run_dir), REPO)
-    wait_for(lambda: len(metrics(run_dir)) >= 1 and (run_dir / "checkpoints" / "step-000001").exists(), 400,
+    wait_for(lambda: len(metrics(run_dir)) >= 1 and (run_dir / "checkpoints" / "step-000001" / "driver_state.json").exists(), 400,
              "step 0 with its checkpoint", proc)
     lost = "w2"
     healthy.kill_node(lost)  # every process of the node, at once: what a dead machine looks like to the others
