@@ -96,7 +96,8 @@ class Cluster:
         env.update(HOME=str(self.base / "home"), RAY_AUTH_MODE="token",
                    RAY_AUTH_TOKEN_PATH=str(token_path or self.token_path), RAY_USAGE_STATS_ENABLED="0",
                    GLOO_SOCKET_IFNAME=IFACE,  # gloo would pick the host name's address: 127.0.0.1 in every namespace
-                   PATH=f"{Path(self.ray).parent}:{env.get('PATH', '/usr/bin:/bin')}", PYTHONUNBUFFERED="1")
+                   PATH=f"{Path(self.ray).parent}:{env.get('PATH', '/usr/bin:/bin')}", PYTHONUNBUFFERED="1",
+                   RAY_metrics_report_interval_ms="2000")  # short runs: metrics reach the endpoint within seconds
         return env
 
     # -- running things inside a node -----------------------------------------------------------------------------
