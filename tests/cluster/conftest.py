@@ -2,7 +2,8 @@
 fails (fixture finaliser, atexit, and ``up`` removing leftovers of an earlier run by name prefix).
 
 Where namespaces cannot be made the tests are skipped with the reason, except under CI (``CI=true`` or
-``UNIAR_REQUIRE_CLUSTER=1``, which ``.ci/run`` sets): there a skipped cluster test would hide untested code, so it fails.
+``UNIAR_REQUIRE_CLUSTER=1``, which ``.ci/run`` sets): there a skipped cluster test would hide untested code, so it
+fails.
 """
 from __future__ import annotations
 

@@ -93,6 +93,9 @@ class Cluster:
     def env(self, node: str, token_path: Path | None = None) -> dict[str, str]:
         """The environment of every process of ``node`` (and of clients run in its namespace)."""
         env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}
+        # caches stay the caller's (DeepSpeed's JIT-built ops, matplotlib's font list): rebuilding them in the
+        # cluster's HOME would cost every node minutes on 2 cores; authentication (~/.ray) stays the cluster's own
+        env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))
         env.update(HOME=str(self.base / "home"), RAY_AUTH_MODE="token",
                    RAY_AUTH_TOKEN_PATH=str(token_path or self.token_path), RAY_USAGE_STATS_ENABLED="0",
                    GLOO_SOCKET_IFNAME=IFACE,  # gloo would pick the host name's address: 127.0.0.1 in every namespace
@@ -109,7 +112,8 @@ class Cluster:
         out = subprocess.run(self.command(node, cmd), env=env or self.env(node), capture_output=True, text=True,
                              timeout=timeout, **kw)
         if check and out.returncode != 0:
-            raise RuntimeError(f"[{node}] {' '.join(cmd)} exited {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}")
+            tail = (out.stdout + out.stderr)[-3000:]
+            raise RuntimeError(f"[{node}] {' '.join(cmd)} exited {out.returncode}:\n{tail}")
         return out
 
     def popen(self, node: str, cmd: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
@@ -155,7 +159,8 @@ class Cluster:
     def make_network(self) -> None:
         br = self.ns("br")
         for cmd in (["ip", "netns", "add", br], ["ip", "-n", br, "link", "set", "lo", "up"],
-                    ["ip", "-n", br, "link", "add", "br0", "type", "bridge"], ["ip", "-n", br, "link", "set", "br0", "up"]):
+                    ["ip", "-n", br, "link", "add", "br0", "type", "bridge"],
+                    ["ip", "-n", br, "link", "set", "br0", "up"]):
             _ip(cmd)
         for node in self.nodes:
             self.add_node_namespace(node)
@@ -199,7 +204,8 @@ class Cluster:
             if len(ips) >= n:
                 return ips
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(ips)} of {n} Ray nodes alive after {timeout:.0f} s: {ips}; logs under {self.base}")
+                raise TimeoutError(f"{len(ips)} of {n} Ray nodes alive after {timeout:.0f} s: {ips}; "
+                                   f"logs under {self.base}")
             time.sleep(2)
 
     # -- down -------------------------------------------------------------------------------------------------------

@@ -27,8 +27,18 @@ GRPO = ["steps=3", "save_every=1", "grid_every=3", "data.prompts_per_step=2", "g
 STEP_KEYS = ("reward_mean", "train/loss", "train/kl", "train/grad_norm")
 
 
-def grpo_cmd(run_dir: Path, *extra: str, config: str = "configs/grpo_demo.yaml") -> list[str]:
-    return [sys.executable, "-m", "jobs.grpo", "--config", config, f"run_dir={run_dir}", *GRPO, *extra]
+def grpo_cmd(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.grpo", "--config", str(config), f"run_dir={run_dir}", *GRPO, *extra]
+
+
+@pytest.fixture(scope="module")
+def one_reward(tmp_path_factory) -> Path:
+    """The demo config with its colour reward only: OCR would add a model load and seconds per step on 2 cores."""
+    path = tmp_path_factory.mktemp("config") / "grpo_one_reward.yaml"
+    demo = (REPO / "configs" / "grpo_demo.yaml").read_text()
+    path.write_text(demo.replace("    ocr: {weight: 1.0, num_cpus: 0.25}\n", ""))
+    assert "ocr" not in path.read_text()
+    return path
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
@@ -44,6 +54,11 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def checkpointed(run_dir: Path, step: int) -> bool:
+    """A complete checkpoint (its driver_state.json is written last)."""
+    return (run_dir / "checkpoints" / f"step-{step:06d}" / "driver_state.json").exists()
 
 
 def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -62,12 +77,12 @@ def scrape(cluster, node: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference_run(cluster, tmp_path_factory):
+def reference_run(cluster, one_reward, tmp_path_factory):
     """The uninterrupted 3-step GRPO run over both workers, with the head's metrics endpoint scraped while it runs."""
     healthy = bring_back_workers(cluster)
     run_dir = tmp_path_factory.mktemp("grpo") / "full"
     t0 = time.monotonic()
-    proc = healthy.submit(grpo_cmd(run_dir), REPO)
+    proc = healthy.submit(grpo_cmd(one_reward, run_dir), REPO)
     seen = ""
     while proc.poll() is None and not ("uniar_grpo_reward_mean" in seen and "uniar_grpo_time_update" in seen):
         time.sleep(3)
@@ -155,14 +170,12 @@ def _kill_reward_actors(cluster) -> int:
     return killed
 
 
-def test_dead_reward_pool_stops_the_job_within_the_failure_budget(healthy, tmp_path):
-    config = tmp_path / "one_reward.yaml"  # only the colour reward, never restarted: killed once, it stays dead
-    demo = (REPO / "configs" / "grpo_demo.yaml").read_text()
-    config.write_text(demo.replace("    ocr: {weight: 1.0, num_cpus: 0.25}\n", "") + "\n")
-    run_dir = tmp_path / "run"
-    proc = healthy.submit(grpo_cmd(run_dir, "steps=8", "rewards.max_restarts=0", "rewards.max_task_retries=0",
-                                   "grpo.max_excluded_fraction=0.5", "grpo.failure_window=3", config=str(config)), REPO)
-    wait_for(lambda: (run_dir / "checkpoints" / "step-000001" / "driver_state.json").exists(), 400, "checkpoint of step 1", proc)
+def test_dead_reward_pool_stops_the_job_within_the_failure_budget(healthy, one_reward, tmp_path):
+    run_dir = tmp_path / "run"  # the colour reward only, never restarted: killed once, it stays dead
+    proc = healthy.submit(grpo_cmd(one_reward, run_dir, "steps=8", "rewards.max_restarts=0",
+                                   "rewards.max_task_retries=0", "grpo.max_excluded_fraction=0.5",
+                                   "grpo.failure_window=3"), REPO)
+    wait_for(lambda: checkpointed(run_dir, 1), 400, "checkpoint of step 1", proc)
     assert _kill_reward_actors(healthy) >= 1
     out = finish(proc, timeout=300)
     assert proc.returncode != 0 and "target_color" in out, out[-3000:]
@@ -173,11 +186,10 @@ def test_dead_reward_pool_stops_the_job_within_the_failure_budget(healthy, tmp_p
     assert kept and all(int(k.split("-")[1]) <= min(dead) for k in kept), (kept, dead)  # none after the death
 
 
-def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_run, healthy, tmp_path):
+def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_run, healthy, one_reward, tmp_path):
     run_dir = tmp_path / "run"
-    proc = healthy.submit(grpo_cmd(run_dir), REPO)
-    wait_for(lambda: len(metrics(run_dir)) >= 1 and (run_dir / "checkpoints" / "step-000001" / "driver_state.json").exists(), 400,
-             "step 0 with its checkpoint", proc)
+    proc = healthy.submit(grpo_cmd(one_reward, run_dir), REPO)
+    wait_for(lambda: checkpointed(run_dir, 1), 400, "step 0 with its checkpoint", proc)
     lost = "w2"
     healthy.kill_node(lost)  # every process of the node, at once: what a dead machine looks like to the others
     t_kill = time.monotonic()
@@ -187,7 +199,7 @@ def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_ru
         assert healthy.ip(lost) in out and "checkpoint" in out, out[-3000:]
     healthy.start_worker(lost)
     healthy.wait_nodes(len(healthy.nodes))
-    again = healthy.submit(grpo_cmd(run_dir, "--resume"), REPO)
+    again = healthy.submit(grpo_cmd(one_reward, run_dir, "--resume"), REPO)
     out = finish(again, timeout=400)
     assert again.returncode == 0, out[-3000:]
     ref = {m["step"]: m for m in metrics(reference_run["run_dir"])}
