@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 IFACE = "veth0"  # the node end of each veth pair: the same name in every node namespace (GLOO_SOCKET_IFNAME)
@@ -42,7 +42,7 @@ def unavailable_reason() -> str | None:
         return "the cluster tests need root (they create network namespaces with `ip netns`)"
     if shutil.which("ip") is None:
         return "the cluster tests need iproute2's `ip` on PATH"
-    probe = f"uniar-probe-{os.getpid()}"
+    probe = f"netns-probe-{os.getpid()}"  # outside every cluster prefix: no down() removes it
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"`ip netns add` failed here: {made.stderr.strip()}"
@@ -58,7 +58,7 @@ class Cluster:
     subnet: str = "10.213.7"  # a /24 that exists only on the veth interfaces of this cluster
     workers: tuple[str, ...] = ("w1", "w2")
     worker_cpus: int = 2
-    base: Path = field(default=None)  # short: Ray's socket paths under it must stay under 107 characters
+    base: Path | None = None  # short: Ray's socket paths under it must stay under 107 characters
 
     def __post_init__(self):
         self.base = Path(self.base or f"/tmp/{self.prefix}-cl")
