@@ -87,7 +87,7 @@ def reference_run(cluster, one_reward, tmp_path_factory):
     while proc.poll() is None and not ("uniar_grpo_reward_mean" in seen and "uniar_grpo_time_update" in seen):
         time.sleep(3)
         seen = scrape(healthy, "head")  # the driver (and so its gauges) runs on the head
-    out = finish(proc, timeout=600)
+    out = finish(proc, timeout=900)
     return {"run_dir": run_dir, "out": out, "rc": proc.returncode, "scraped": seen, "seconds": time.monotonic() - t0}
 
 
@@ -122,13 +122,13 @@ def test_eval_job_on_workers_writes_what_a_local_run_writes(healthy, tmp_path):
             "progress=false", f"tiny_cache={tmp_path / 'tiny'}"]
     job = healthy.submit([sys.executable, "-m", "jobs.eval", *args, f"out_dir={tmp_path / 'cluster'}",
                           "cluster.address=auto"], REPO)
-    out = finish(job, timeout=300)
+    out = finish(job, timeout=600)
     assert job.returncode == 0 and "succeeded" in out, out[-3000:]
     # the same run on an embedded local Ray, in its own HOME, without the cluster's Ray address or token
     env = {k: v for k, v in healthy.env("head").items() if not k.startswith("RAY_AUTH")}
     env.update(HOME=str(tmp_path / "home"), RAY_ADDRESS=healthy.gcs_address)  # jobs.eval must not join it
     local = subprocess.run([sys.executable, "-m", "jobs.eval", *args, f"out_dir={tmp_path / 'local'}"], cwd=REPO,
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=env, capture_output=True, text=True, timeout=600)
     assert local.returncode == 0, local.stderr[-3000:]
     assert "started an embedded local Ray" in local.stderr
     a, b = _file_hashes(tmp_path / "cluster"), _file_hashes(tmp_path / "local")
@@ -175,9 +175,9 @@ def test_dead_reward_pool_stops_the_job_within_the_failure_budget(healthy, one_r
     proc = healthy.submit(grpo_cmd(one_reward, run_dir, "steps=8", "rewards.max_restarts=0",
                                    "rewards.max_task_retries=0", "grpo.max_excluded_fraction=0.5",
                                    "grpo.failure_window=3"), REPO)
-    wait_for(lambda: checkpointed(run_dir, 1), 400, "checkpoint of step 1", proc)
+    wait_for(lambda: checkpointed(run_dir, 1), 900, "checkpoint of step 1", proc)
     assert _kill_reward_actors(healthy) >= 1
-    out = finish(proc, timeout=300)
+    out = finish(proc, timeout=600)
     assert proc.returncode != 0 and "target_color" in out, out[-3000:]
     rows = metrics(run_dir)
     dead = [m["step"] for m in rows if m.get("excluded_groups") == 2]  # both groups of a step had no reward
@@ -189,7 +189,7 @@ def test_dead_reward_pool_stops_the_job_within_the_failure_budget(healthy, one_r
 def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_run, healthy, one_reward, tmp_path):
     run_dir = tmp_path / "run"
     proc = healthy.submit(grpo_cmd(one_reward, run_dir), REPO)
-    wait_for(lambda: checkpointed(run_dir, 1), 400, "step 0 with its checkpoint", proc)
+    wait_for(lambda: checkpointed(run_dir, 1), 900, "step 0 with its checkpoint", proc)
     lost = "w2"
     healthy.kill_node(lost)  # every process of the node, at once: what a dead machine looks like to the others
     t_kill = time.monotonic()
@@ -200,7 +200,7 @@ def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_ru
     healthy.start_worker(lost)
     healthy.wait_nodes(len(healthy.nodes))
     again = healthy.submit(grpo_cmd(one_reward, run_dir, "--resume"), REPO)
-    out = finish(again, timeout=400)
+    out = finish(again, timeout=900)
     assert again.returncode == 0, out[-3000:]
     ref = {m["step"]: m for m in metrics(reference_run["run_dir"])}
     rows = metrics(run_dir)
