@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 DATA = REPO.parent / "shared" / "data" / "uniar" / "rl_demo" / "demo_mix.yaml"  # absolute: not in the upload
 GRPO = ["steps=3", "save_every=1", "grid_every=3", "data.prompts_per_step=2", "grpo.num_generations=4",
         "trainer.micro_batch_size=2", "trainer.world_size=2", "trainer.placement_strategy=STRICT_SPREAD",
-        "grpo.decode_num_inference_steps=2", "cluster.address=auto", f"data.path={DATA}"]
+        "grpo.decode_num_inference_steps=2", "cluster.address=auto", f"data.path={DATA}",
+        "rewards.models.target_color.delay_s=3"]  # steps of >= 3 s: a kill after step 0 lands inside step 1
 STEP_KEYS = ("reward_mean", "train/loss", "train/kl", "train/grad_norm")
 
 
@@ -194,6 +195,7 @@ def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_ru
     healthy.kill_node(lost)  # every process of the node, at once: what a dead machine looks like to the others
     t_kill = time.monotonic()
     out = finish(proc, timeout=180)  # continues on what is left, or stops; never hangs
+    assert not checkpointed(run_dir, 3), "the run had finished before the node was lost"
     print(f"[cluster] job after losing {lost}: rc {proc.returncode} after {time.monotonic() - t_kill:.1f} s")
     if proc.returncode != 0:
         assert healthy.ip(lost) in out and "checkpoint" in out, out[-3000:]
