@@ -10,6 +10,7 @@ normalised over the whole batch (all micro-batches, all ranks; ``grpo.BatchCount
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -237,6 +238,15 @@ class TrainerActor:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}")
 
+    def param_digest(self) -> str:
+        """sha256 of this rank's trainable parameters: data-parallel ranks must agree bit for bit."""
+        h = hashlib.sha256()
+        for n, p in self.engine.module.named_parameters():
+            if p.requires_grad:
+                h.update(n.encode())
+                h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
 
 class TrainerGroup:
     """``world_size`` trainer actors in one placement group; the driver's view of data-parallel training."""
@@ -247,8 +257,11 @@ class TrainerGroup:
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self.pg = placement_group([bundle] * t.world_size, strategy=t.placement_strategy)
         ray.get(self.pg.ready(), timeout=self.timeout_s)
-        port = _free_port()
-        addr = ray.util.get_node_ip_address()
+        # rank 0's bundle names the rendezvous: its node's address and a port free there (the driver's node may run
+        # no trainer at all, e.g. a head with CPU: 0); the same for gloo and NCCL
+        addr, port = ray.get(_rendezvous_address.options(
+            num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)
+        ).remote(), timeout=self.timeout_s)
         self.actors = [
             TrainerActor.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
@@ -273,6 +286,15 @@ class TrainerGroup:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The full trainable state in this process (tests and tools; the job passes references instead)."""
         return ray.get([a.trainable_state.remote() for a in self.actors], timeout=self.timeout_s)[0]
+
+    def node_ips(self) -> list[str]:
+        """The node address of each rank (from the placement group), for the run's placement.json."""
+        node_of_bundle = ray.util.placement_group_table(self.pg)["bundles_to_node_id"]
+        ip_of_node = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        return [ip_of_node[node_of_bundle[r]] for r in range(len(self.actors))]
+
+    def param_digests(self) -> list[str]:
+        return ray.get([a.param_digest.remote() for a in self.actors])
 
     def save_checkpoint(self, folder: Path) -> None:
         ray.get([a.save_checkpoint.remote(str(folder)) for a in self.actors], timeout=self.timeout_s)
@@ -304,7 +326,9 @@ def _buckets(named: list[tuple[str, torch.Tensor]], max_numel: int) -> list[list
     return [b for b in out if b]
 
 
-def _free_port() -> int:
+@ray.remote(num_cpus=0)
+def _rendezvous_address() -> tuple[str, int]:
+    """This node's address and a port free on it (bound on every interface, as torch's TCPStore will)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]

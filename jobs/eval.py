@@ -29,6 +29,7 @@ from benchmarks.common import (
     iter_prompts,
     remove_stale_temps,
 )
+from jobs import start_ray
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
 from uniar_ray.limits import LimitError, ModelLimits, fit_prompt
 from uniar_ray.model.loading import check_weight_files
@@ -65,20 +66,6 @@ def run(cfg: EvalConfig, plan: "Plan | None" = None) -> dict[str, Any]:
     atomic_write_text(plan.out_dir / "config.json", json.dumps(plan.config_record(), indent=2) + "\n")
     stats = stream(plan) if plan.rows else {"seconds": 0.0, "startup_s": 0.0, "written": 0}
     return finish(plan, stats)
-
-
-def start_ray(cfg: Any) -> bool:
-    """Join ``cluster.address`` or start an embedded local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address)
-    else:  # address="local": a new embedded instance even when another Ray runs on this machine
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or None, include_dashboard=cfg.cluster.dashboard,
-                 log_to_driver=cfg.cluster.log_to_driver)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import ray
 
+from jobs import start_ray
 from uniar_ray import checkpoint as ckpt
 from uniar_ray import grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None):
     step = 0
     tracker = None
     try:
+        record_placement(run, parts)
         step, prefetched = resume(run, parts, candidates) if args.resume else (0, None)
+        first_step = step
         (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the run is really this one
         tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step)
         # one_step: step's roll-out is submitted now; after a resume it is the one the checkpoint saved
@@ -70,8 +73,15 @@ def main(argv: list[str] | None = None):
             stop = budget.record(metrics["excluded_groups_all"], metrics["groups"], parts.last_reasons)
             if stop:
                 raise SystemExit(f"[grpo] step {step}: stopping: {stop}. {last_checkpoint_note(run)}")
+        record_placement(run, parts, digests=True)
     except FloatingPointError as e:  # a NaN loss: stop with a message, keep the last good checkpoint
         raise SystemExit(f"[grpo] {e}") from None
+    except ray.exceptions.RayError as e:  # when a node went away, say so in one line instead of a remote traceback
+        lost = parts.lost_nodes()
+        if not lost:
+            raise
+        raise SystemExit(f"[grpo] lost Ray node(s) {', '.join(lost)} ({type(e).__name__}); stopping. "
+                         f"{last_checkpoint_note(run)} Bring the node(s) back and rerun with --resume.") from None
     except KeyboardInterrupt:
         print(f"[grpo] interrupted at step {step}; shutting down. {last_checkpoint_note(run)}", file=sys.stderr,
               flush=True)
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None):
             run.plot_rewards()
             tracker.close()
         parts.close()
-    if not trained:  # every step was skipped: the job did not do its work
+    if not trained and first_step < cfg.steps:  # every step was skipped: the job did not do its work
         raise SystemExit(f"[grpo] no step of this run updated the model (every prompt group was excluded); see the "
                          f"per-step causes above. {last_checkpoint_note(run)}")
     summarize(run)
@@ -191,14 +201,19 @@ def format_line(m: dict) -> str:
             f"{m['step_time_s']:.1f}s" + ("  (not updated: no group scored)" if m.get("skipped_update") else ""))
 
 
-def start_ray(cfg: GRPORunConfig) -> None:
-    if ray.is_initialized():
-        return
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address)
-    else:  # embedded local Ray (laptop, CI); the dashboard shows the exported metrics
-        ray.init(num_cpus=cfg.cluster.num_cpus or None, include_dashboard=cfg.cluster.dashboard,
-                 log_to_driver=cfg.cluster.log_to_driver)
+def record_placement(run: RunDir, parts: "Parts", digests: bool = False) -> None:
+    """placement.json: the Ray the run used and each trainer rank's node; at the end, each rank's parameter digest
+    (data-parallel ranks must agree; a mismatch is printed)."""
+    path = run.path / "placement.json"
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    rec.update(gcs_address=ray.get_runtime_context().gcs_address, driver_node_ip=ray.util.get_node_ip_address(),
+               trainer_node_ips=parts.trainer.node_ips())
+    if digests:
+        rec["trainer_param_sha256"] = parts.trainer.param_digests()
+        if len(set(rec["trainer_param_sha256"])) > 1:
+            print(f"[grpo] warning: trainer ranks hold different parameters: {rec['trainer_param_sha256']}",
+                  file=sys.stderr)
+    path.write_text(json.dumps(rec, indent=2) + "\n")
 
 
 def _flags(parser) -> None:
@@ -340,6 +355,7 @@ class Parts:
         self._pending = None  # the background stages 1-4 (one_step mode)
         self._data_before: dict[int, dict] = {}  # step -> sampler position before its prompts were drawn
         self._prefetched = None  # (step, object refs of its roll-out) while one_step has one in flight
+        self.nodes_at_start = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
 
     # 1-2 ----------------------------------------------------------------------------------------------------------
     def _requests(self, step: int):
@@ -451,6 +467,19 @@ class Parts:
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 print(f"[grpo] rollout engine {i} did not take weights version {version} "
                       f"({type(e).__name__}); it loads them before its next roll-out", file=sys.stderr, flush=True)
+
+    def lost_nodes(self, wait_s: float = 45.0) -> list[str]:
+        """Addresses of the nodes alive when the run started and dead now. A killed node is declared dead only after
+        its missed health checks (~15-30 s), while its actors' errors arrive at once: wait up to ``wait_s`` for that."""
+        others = {i: ip for i, ip in self.nodes_at_start.items() if i != ray.get_runtime_context().get_node_id()}
+        deadline = time.monotonic() + wait_s
+        while others:  # a single-node (local) run cannot lose a node and still be here
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            lost = sorted(ip for i, ip in others.items() if i not in alive)
+            if lost or time.monotonic() > deadline:
+                return lost
+            time.sleep(1.0)
+        return []
 
     # ---------------------------------------------------------------------------------------------------------------
     def export(self, m: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from benchmarks.common import atomic_write_text
 from jobs import eval as eval_job
+from jobs import start_ray
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, SweepConfig, load_config, parse_cli
 from uniar_ray.run_identity import normalized, recorded_identity
 
@@ -28,7 +29,7 @@ SHORT = {"ar_height": "h", "ar_width": "w", "temperature": "T", "cfg_scale": "cf
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(SweepConfig, argv, default_config="configs/sweep.yaml")
-    started = eval_job.start_ray(cfg)
+    started = start_ray(cfg)
     try:
         rows = run_sweep(cfg)
     finally:
