@@ -276,6 +276,23 @@ def _check_sample_number(k: int, samples_per_prompt: int) -> None:
         raise ValueError(f"sample number {k} outside 0..{samples_per_prompt - 1}")
 
 
+def copy_samples(src: str | Path, out: Any, samples_per_prompt: int, report: "Report") -> list[PromptRecord]:
+    """Every sample of the unified run ``src`` through ``out.write_sample`` (which never overwrites), counted in
+    ``report``; samples numbered past ``samples_per_prompt`` are reported and left out. Returns the records seen."""
+    records = []
+    for record, samples in iter_unified(src):
+        records.append(record)
+        for k, path in samples.items():
+            if k >= samples_per_prompt:
+                report.problems.append(f"idx {record.idx}: extra sample {path.name} ignored")
+                continue
+            with Image.open(path) as image:
+                done = out.write_sample(record, k, image)
+            report.written += done
+            report.skipped += not done
+    return records
+
+
 def iter_unified(src: str | Path) -> Iterator[tuple[PromptRecord, dict[int, Path]]]:
     """Walk a unified-layout run: (record from metadata.json, {sample number: png path}) per digit folder."""
     src = Path(src)

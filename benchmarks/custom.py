@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image
 
-from benchmarks.common import BenchmarkDefaults, PromptRecord, Report, UnifiedWriter, iter_unified
+from benchmarks.common import BenchmarkDefaults, PromptRecord, Report, UnifiedWriter, copy_samples, iter_unified
 from benchmarks.imgedit import InputImageError, size_problem
 from uniar_ray.paths import PathOutsideRoot, inside_root
 
@@ -74,19 +73,8 @@ def writer(out_dir: str | Path, samples_per_prompt: int = DEFAULTS.samples_per_p
 def convert(src: str | Path, dst: str | Path, samples_per_prompt: int = DEFAULTS.samples_per_prompt,
             **_: Any) -> Report:
     """Unified -> unified (a copy that keeps only samples 0..samples_per_prompt-1 and never overwrites)."""
-    out = UnifiedWriter(dst, samples_per_prompt)
     report = Report()
-    records = []
-    for record, samples in iter_unified(src):
-        records.append(record)
-        for k, path in samples.items():
-            if k >= samples_per_prompt:
-                report.problems.append(f"idx {record.idx}: extra sample {path.name} ignored")
-                continue
-            with Image.open(path) as image:
-                done = out.write_sample(record, k, image)
-            report.written += done
-            report.skipped += not done
+    records = copy_samples(src, UnifiedWriter(dst, samples_per_prompt), samples_per_prompt, report)
     return report.merge(check_layout(dst, records, samples_per_prompt))
 
 

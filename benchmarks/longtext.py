@@ -20,7 +20,7 @@ from benchmarks.common import (
     as_rgb,
     save_png_once,
     _check_sample_number,
-    iter_unified,
+    copy_samples,
 )
 
 # scripts/infer/run_longtext.sh: AR 704 tall x 1280 wide, x1.0, 4 samples, T 0.1, cfg 2.0.
@@ -75,19 +75,8 @@ def writer(out_dir: str | Path, samples_per_prompt: int = DEFAULTS.samples_per_p
 def convert(src: str | Path, dst: str | Path, samples_per_prompt: int = DEFAULTS.samples_per_prompt,
             **_: Any) -> Report:
     """Unified run -> flat ``{prompt_id}_{k}.png`` (k = the sample's own number)."""
-    out = LongTextWriter(dst, samples_per_prompt)
     report = Report()
-    records = []
-    for record, samples in iter_unified(src):
-        records.append(record)
-        for k, path in samples.items():
-            if k >= samples_per_prompt:
-                report.problems.append(f"idx {record.idx}: extra sample {path.name} ignored")
-                continue
-            with Image.open(path) as image:
-                done = out.write_sample(record, k, image)
-            report.written += done
-            report.skipped += not done
+    records = copy_samples(src, LongTextWriter(dst, samples_per_prompt), samples_per_prompt, report)
     return report.merge(check_layout(dst, records, samples_per_prompt))
 
 

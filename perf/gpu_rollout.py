@@ -246,7 +246,7 @@ def main(argv=None):
                              bw, {"engine": kinds[-1], "n": sizes[0], "batch": batches[0], "padded": True}))
     result["attention"] = _section(lambda: attention_kernels(policy, batches[0], sizes[-1])) \
         if a.device.startswith("cuda") else None
-    del policy
+    policy = None  # free the GPU for the decoder section
     if a.device.startswith("cuda"):
         torch.cuda.empty_cache()
     result["decoder"] = None if a.no_decoder else _section(lambda: decoder_section(a.tiny, a.device, dtype, 2 if a.tiny else a.decoder_images,
