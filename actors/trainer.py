@@ -256,7 +256,14 @@ class TrainerGroup:
         self.timeout_s = t.timeout_s
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self.pg = placement_group([bundle] * t.world_size, strategy=t.placement_strategy)
-        ray.get(self.pg.ready(), timeout=self.timeout_s)
+        try:  # resources that never free up (or never exist) must not look like a hang
+            ray.get(self.pg.ready(), timeout=t.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"the {t.world_size} trainer ranks ({bundle} each, {t.placement_strategy}) could not be placed within "
+                f"trainer.placement_timeout_s={t.placement_timeout_s:g} s; free: {ray.available_resources()}. Lower "
+                "trainer.num_cpus/num_gpus or trainer.world_size, or add nodes") from None
         # rank 0's bundle names the rendezvous: its node's address and a port free there (the driver's node may run
         # no trainer at all, e.g. a head with CPU: 0); the same for gloo and NCCL
         addr, port = ray.get(_rendezvous_address.options(

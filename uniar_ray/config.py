@@ -610,13 +610,14 @@ class TrainerConfig:
     num_threads: int = 0  # torch threads per actor (0: torch's default)
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     timeout_s: float = 3600.0  # per driver wait on the trainers (a step, a weight publish, a checkpoint)
+    placement_timeout_s: float = 300.0  # wait for the ranks' resources at start; past it: an error naming them
     # Recompute layer activations in the backward pass (on in the reference, TRL's default): same gradients,
     # activation memory per micro-batch ~ one layer instead of all of them, about one extra forward of compute.
     gradient_checkpointing: bool = True
 
     def __post_init__(self):
-        if not self.timeout_s > 0:
-            raise ConfigError(f"trainer.timeout_s={self.timeout_s}: must be > 0")
+        if not (self.timeout_s > 0 and self.placement_timeout_s > 0):
+            raise ConfigError("trainer.timeout_s and trainer.placement_timeout_s must be > 0")
         if self.world_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("trainer.world_size and trainer.micro_batch_size must be >= 1")
         if self.zero_stage not in (0, 1, 2, 3):

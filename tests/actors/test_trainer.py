@@ -32,20 +32,23 @@ def _rollouts(g: int = 4):
 def test_two_ranks_update_parameters_identically(ray_local):
     grpo = GRPOConfig(num_generations=4, learning_rate=1e-3, beta=0.01)
     group = TrainerGroup(ModelConfig(path="tiny"), grpo, TrainerConfig(world_size=2, micro_batch_size=2), total_steps=5)
-    before = group.trainable_state()
-    samples = _rollouts()
-    m0 = group.train_step(samples)
-    assert math.isfinite(m0["loss"]) and m0["grad_norm"] > 0
-    assert abs(m0["loss"]) < 1e-3  # on-policy first iteration: loss value 0 (zero-mean advantages), gradient not
-    # (clipping: mu = 1 cannot clip, mu = 2 does - test_trainer_grpo.py::test_num_iterations_two_clips_and_one_does_not)
-    m1 = group.train_step(samples)
-    assert math.isfinite(m1["loss"]) and "kl" in m1
-    after = group.trainable_state()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert changed and all(trainable(k) for k in before)
-    assert "output_layer_vistok.1.weight" in changed
-    states = ray.get([a.trainable_state.remote() for a in group.actors])
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # data-parallel ranks stay in sync
+    try:  # the group's placement group holds both CPUs of this Ray until shut down
+        before = group.trainable_state()
+        samples = _rollouts()
+        m0 = group.train_step(samples)
+        assert math.isfinite(m0["loss"]) and m0["grad_norm"] > 0
+        assert abs(m0["loss"]) < 1e-3  # on-policy first iteration: loss value 0 (zero-mean advantages), gradient not
+        # (clipping: mu = 1 cannot clip, mu = 2 does - test_trainer_grpo.py::test_num_iterations_two_clips_and_one_does_not)
+        m1 = group.train_step(samples)
+        assert math.isfinite(m1["loss"]) and "kl" in m1
+        after = group.trainable_state()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed and all(trainable(k) for k in before)
+        assert "output_layer_vistok.1.weight" in changed
+        states = ray.get([a.trainable_state.remote() for a in group.actors])
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # data-parallel ranks stay in sync
+    finally:
+        group.shutdown()
 
 
 @pytest.mark.slow
@@ -80,3 +83,11 @@ def test_zero3_matches_zero2_and_engines_load_full_tensors(ray_local):
     assert max((z2[k] - z3[k]).abs().max().item() for k in z2) < 1e-5
     assert any(not torch.equal(start[k], z3[k]) for k in z3)  # the steps moved the weights
     assert all(full[k].shape == start[k].shape and torch.equal(full[k], z3[k]) for k in full)  # not ZeRO-3 shards
+
+
+def test_trainers_that_cannot_be_placed_fail_with_what_is_free(ray_local):
+    """More CPUs than the cluster has: a clear error within trainer.placement_timeout_s, never a hang."""
+    with pytest.raises(RuntimeError, match=r"could not be placed within trainer.placement_timeout_s=2 s; free"):
+        TrainerGroup(ModelConfig(path="tiny"), GRPOConfig(), TrainerConfig(world_size=2, num_cpus=4,
+                                                                           placement_timeout_s=2), total_steps=1)
+    assert ray.available_resources().get("CPU") == 2  # the refused placement group was removed
