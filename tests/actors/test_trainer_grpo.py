@@ -4,9 +4,7 @@ trainer.gradient_checkpointing leaves the gradients unchanged."""
 from __future__ import annotations
 
 import math
-import os
 import sys
-import uuid
 
 import pytest
 import ray
@@ -22,16 +20,12 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the lambdas b
 
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
-    # Own temp dir and token (never ~/.ray of the machine: another Ray there would switch to token auth).
-    env = {"RAY_AUTH_TOKEN": uuid.uuid4().hex}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    # Own temp dir; the token comes from the environment (tests/conftest.py), never from a file in ~/.ray. Ray
+    # caches the token it first saw in this process, so a test must not switch it.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield
     ray.shutdown()
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 @pytest.fixture(scope="module")
