@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None):
     step = 0
     tracker = None
     try:
-        record_placement(run, parts)
         step, prefetched = resume(run, parts, candidates) if args.resume else (0, None)
+        record_placement(run, parts)
         first_step = step
         (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the run is really this one
         tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step)

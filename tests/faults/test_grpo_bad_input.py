@@ -77,7 +77,8 @@ def test_truncated_decoder_weights_are_named_before_the_first_step(tmp_path):
     write_tiny_decoder_checkpoint(root, seed=0)
     weights = next((root / "sd3_transformer").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-100])
-    cfg = load_config(GRPORunConfig, REPO / "configs/grpo_demo.yaml", [f"decoder.path={root}"])
+    cfg = load_config(GRPORunConfig, REPO / "configs/grpo_demo.yaml",
+                      [f"decoder.path={root}", "decoder.tiny_bit_driven=false"])  # bit-driven: the tiny decoder only
     with pytest.raises(CorruptWeightFile, match=rf"{weights}: truncated \(\d+ bytes, its header needs \d+\)"):
         check_grpo_inputs(load_dataset(cfg.data.path).records, cfg)
 
