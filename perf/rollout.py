@@ -1,5 +1,5 @@
-"""Rollout throughput: the KV-cached torch engine and the vLLM engine vs the reference's algorithm (visual-decoder
-stack recomputed over the whole sequence at every step), same weights, side by side in one run.
+"""Rollout throughput: the KV-cached torch engine and the vLLM engine vs the reference's generation loop (visual-
+decoder stack recomputed over the whole sequence at every step; see ``ENGINES``), same weights, side by side in one run.
 
     python -m perf.rollout                 # bench config, batch 8, N = 64 and 256 (+ N = 900 at batch 2), fp32 + bf16
     python -m perf.rollout --quick         # N = 64 only, fp32
@@ -8,7 +8,8 @@ stack recomputed over the whole sequence at every step), same weights, side by s
     python -m perf.rollout --vllm-only --threads 1 --vllm-requests 16   # only that section
     python -m perf.rollout --vllm-only --quick   # that section at N = 64 only (a check that it runs)
 Each (engine, N, dtype) runs in a fresh process so its peak RSS is its own. Last line: one JSON object whose
-``ratios`` include ``best_over_reference_n256_b<R>`` and ``cached_over_reference_n256_b<R>``.
+``ratios`` include ``best_over_reference_n256_b<R>``, ``cached_over_reference_n256_b<R>`` and
+``best_over_reference_our_kernels_n256_b<R>``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ import resource
 import time
 
 SIDE = {64: (256, 256), 256: (512, 512), 900: (960, 960)}
+# The torch engines. "reference" is the reference's generation loop on our model code: the visual stack recomputed
+# over the whole sequence every step, its layers as it runs them (separate q/k/v, gate/up and o/down projections
+# through F.linear, i.e. MKL's sgemm) and its sampler (softmax + torch.multinomial per bit). "reference_our_kernels"
+# is the same loop on the cached engine's kernels (fused projections, oneDNN-prepacked weights): the algorithm's
+# share of the speed-up alone.
+ENGINES = {"cached": {},
+           "reference": {"recompute_visual_stack": True, "fuse": False, "multinomial_sampler": True},
+           "reference_our_kernels": {"recompute_visual_stack": True, "multinomial_sampler": True}}
 
 
 def _measure(engine_kind: str, n: int, batch: int, dtype: str, threads: int) -> dict:
@@ -29,7 +38,7 @@ def _measure(engine_kind: str, n: int, batch: int, dtype: str, threads: int) -> 
 
     torch.set_num_threads(threads)
     policy = build_tiny_policy(0, bench_config(), dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    engine = TorchRolloutEngine(policy, max_batch=batch, recompute_visual_stack=engine_kind == "reference")
+    engine = TorchRolloutEngine(policy, max_batch=batch, **ENGINES[engine_kind])
     h, w = SIDE[n]
     reqs = [GenerationRequest(f"prompt number {i} with a few words", h, w, seed=i) for i in range(batch)]
     engine.generate([GenerationRequest("warm up", 64, 64)])
@@ -99,6 +108,8 @@ def _vllm_section(requests: int, threads: int, quick: bool, n900_batch: int, ski
         runs = {"vllm": _run_vllm(n, batch), "cached": _run(("cached", n, batch, "fp32", threads))}
         if not (n == 900 and skip_reference_900):
             runs["reference"] = _run(("reference", n, batch, "fp32", threads))
+        if n == 256:
+            runs["reference_our_kernels"] = _run(("reference_our_kernels", n, batch, "fp32", threads))
         for row in runs.values():
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -112,10 +123,15 @@ def _vllm_section(requests: int, threads: int, quick: bool, n900_batch: int, ski
         ratios[f"vllm_over_reference_{tag}"] = round(runs["vllm"]["tokens_per_s"] / ref, 2)
         ratios[f"cached_over_reference_{tag}"] = round(runs["cached"]["tokens_per_s"] / ref, 2)
         ratios[f"best_over_reference_{tag}"] = round(runs[best]["tokens_per_s"] / ref, 2)
+        if "reference_our_kernels" in runs:
+            ratios[f"best_over_reference_our_kernels_{tag}"] = round(
+                runs[best]["tokens_per_s"] / runs["reference_our_kernels"]["tokens_per_s"], 2)
         summary[f"best_engine_{tag}"] = best
         print(f"N={n}, {batch} concurrent requests: best engine {best} at {ratios[f'best_over_reference_{tag}']}x "
               f"the reference (torch engine {ratios[f'cached_over_reference_{tag}']}x, vLLM "
-              f"{ratios[f'vllm_over_reference_{tag}']}x)", flush=True)
+              f"{ratios[f'vllm_over_reference_{tag}']}x)" + (
+                  f"; {ratios[f'best_over_reference_our_kernels_{tag}']}x the same loop on our kernels"
+                  if "reference_our_kernels" in runs else ""), flush=True)
     for key, steps in summary.items():
         if key.startswith("step_ms"):
             print(f"{key}: " + ", ".join(f"{kind} {ms} ms" for kind, ms in steps.items()), flush=True)

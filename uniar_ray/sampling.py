@@ -6,6 +6,7 @@ it, so sample k's bits depend only on its seed, prompt and settings, not on whic
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: torch.Tensor | float) -> torch.Tensor:
@@ -16,11 +17,16 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: torch.Ten
 
 
 def bit_logprobs_t(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
-    """log softmax(logits / T) over the last (2-way) axis, in fp32. temperature: float or per-row tensor [B]."""
+    """log softmax(logits / T) over the last (2-way) axis, in fp32. temperature: float or per-row tensor [B].
+
+    As ``logsigmoid(+-(l1 - l0) / T)``: the same values (to ~1e-7), without ``log_softmax``'s slow path for a
+    last axis of size 2 (a third of its time at batch 16 on CPU)."""
     logits = logits.float()
+    d = logits[..., 1] - logits[..., 0]
     if isinstance(temperature, torch.Tensor):
-        temperature = temperature.view(-1, *([1] * (logits.dim() - 1))).float()
-    return torch.log_softmax(logits / temperature, dim=-1)
+        temperature = temperature.view(-1, *([1] * (d.dim() - 1))).float()
+    d = d / temperature
+    return torch.stack([F.logsigmoid(-d), F.logsigmoid(d)], dim=-1)
 
 
 def draw_uniforms(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:

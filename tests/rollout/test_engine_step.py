@@ -2,6 +2,7 @@
 bits, follow weight updates, and the attention back-ends agree; flash-attn's unpadding is checked with a stand-in."""
 from __future__ import annotations
 
+import copy
 import io
 import sys
 import types
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from uniar_ray.model import UniARPolicy
-from uniar_ray.model.layers import Attention, attention_mask
+from uniar_ray.model.layers import Attention, FusedLinear, OneDNNWeight, PackedLinear, attention_mask, pack_linears
 from uniar_ray.model.tiny import tiny_config
 from uniar_ray.rollout import GenerationRequest, Rollout, TorchRolloutEngine
 
@@ -167,3 +168,65 @@ def test_config_reaches_the_engine():
         RolloutConfig(backend="vllm", compile=True)
     with pytest.raises(ConfigError, match="model.attn_impl"):
         ModelConfig(attn_impl="flash")
+
+
+def test_cpu_packed_projections_match_and_follow_in_place_updates(policies):
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(32, 24), torch.nn.Linear(32, 8)]
+    fused = FusedLinear(lins, pack=True)
+    single = torch.nn.Linear(32, 16)
+    pack_linears(single)
+    x = torch.randn(5, 3, 32)
+    with torch.no_grad():
+        want = [lin(x) for lin in lins] + [F.linear(x, single.weight, single.bias)]
+        assert OneDNNWeight.applies(single.weight), "this CPU build has oneDNN: the packed path must be what runs"
+        for got, ref in zip([*fused(x), single(x)], want):
+            assert (got - ref).abs().max() < 1e-5
+        assert fused.onednn.packed is not None and single.onednn.packed is not None
+        lins[1].weight.mul_(-2.0)  # in-place updates (as update_weights does) must reach the packed copies
+        single.weight.mul_(-2.0)
+        assert (fused(x)[1] - lins[1](x)).abs().max() < 1e-5
+        assert (single(x) + 2 * want[2] - 3 * single.bias).abs().max() < 1e-5
+        big = torch.randn(OneDNNWeight.MAX_ROWS + 1, 32)  # prefill-sized: the plain kernel (bounded memory)
+        assert torch.equal(single(big), F.linear(big, single.weight, single.bias))
+    copy.deepcopy(single)  # oneDNN's opaque tensor is dropped, not copied
+    engine = TorchRolloutEngine(policies[1])
+    layer = engine.policy.model.language_model.layers[0]
+    assert layer.self_attn.qkv.onednn is not None and isinstance(layer.mlp.down_proj, PackedLinear)
+
+
+def test_multinomial_baseline_sampler_draws_from_the_same_distribution(policies):
+    """The reference's sampler (for the baseline): at T = 0.1 the drawn bits are the likely ones, and their log-probs
+    are those of the thresholded sampler's distribution (same logits)."""
+    torch.manual_seed(0)
+    reqs = lambda: [GenerationRequest("a red cat", 64, 64, seed=5, temperature=0.1)]  # noqa: E731
+    engine = TorchRolloutEngine(policies[1], recompute_visual_stack=True, multinomial_sampler=True)
+    got = engine.generate(reqs())[0]
+    assert np.exp(got.logprobs).mean() > 0.8  # an inverted draw would give < 0.2
+    want = TorchRolloutEngine(policies[1], recompute_visual_stack=True).generate(reqs())[0]
+    assert np.exp(want.logprobs).mean() > 0.8
+    with pytest.raises(ValueError, match="no static form"):
+        TorchRolloutEngine(policies[1], multinomial_sampler=True, static_shapes=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_projection_path_is_bit_identical_to_the_separate_one(dtype):
+    """q/k normalised and rotated together (the inference path) == apart (the training path), same weights."""
+    from uniar_ray.model.tiny import bench_config
+
+    cfg = bench_config().text_config
+    torch.manual_seed(0)
+    attn = Attention(cfg)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    attn.to(dtype)
+    attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])  # unpacked: same matmul kernel both ways
+    x = torch.randn(4, 3, cfg.hidden_size, dtype=dtype)
+    cos, sin = torch.randn(4, 3, cfg.head_dim), torch.randn(4, 3, cfg.head_dim)
+    with torch.enable_grad():
+        apart = [t.detach() for t in attn.project(x, cos, sin)]
+    with torch.no_grad():
+        together = attn.project(x, cos, sin)
+    for a, b in zip(apart, together):
+        assert a.shape == b.shape and torch.equal(a, b)

@@ -26,10 +26,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        return self.weight * self.normalize(x, self.eps)
+
+    @staticmethod
+    def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+        """x / rms(x) over the last axis in fp32, cast back (before the scale)."""
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class MRoPE(nn.Module):
@@ -168,14 +171,27 @@ class Attention(nn.Module):
         so the elementwise work can be fused by ``compile_decoder_layers``)."""
         b, t, _ = x.shape
         if self.qkv is not None and not torch.is_grad_enabled():  # fused weights are buffers: inference only
-            q, k, v = self.qkv(x)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            return self._project_fused(x, cos, sin)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q.view(b, t, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.view(b, t, -1, self.head_dim)).transpose(1, 2)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def _project_fused(self, x, cos, sin):
+        """``project`` with about half the small kernels (a decode step is bound by their count on CPU): q and k
+        leave the fused matmul side by side, so their RMSNorm and rotary run once over both. Every step is per row
+        or elementwise, so the numbers are the same as doing q and k apart."""
+        b, t, _ = x.shape
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        y = self.qkv.matmul(x)  # [B, T, (nh + 2 nkv) * hd]
+        qk = RMSNorm.normalize(y[..., : (nh + nkv) * hd].view(b, t, nh + nkv, hd), self.q_norm.eps)
+        scale = torch.cat([self.q_norm.weight.expand(nh, hd), self.k_norm.weight.expand(nkv, hd)])
+        qk = (scale * qk).transpose(1, 2)
+        qk = qk * cos[:, None] + rotate_half(qk) * sin[:, None]
+        v = y[..., (nh + nkv) * hd:].view(b, t, nkv, hd).transpose(1, 2)
+        return qk[:, :nh], qk[:, nh:], v
 
     def attend(self, q, k, v, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         """Write k/v to the cache (if any), attend; returns [B, T, nh * hd] before o_proj."""
@@ -244,18 +260,79 @@ def _cu_seqlens(valid: torch.Tensor) -> tuple[torch.Tensor, int]:
     return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)), int(lens.max())
 
 
+class OneDNNWeight:
+    """A weight reordered once for oneDNN (CPU inference), rebuilt whenever the weight is replaced or changed in
+    place (its version counter moves), so it never goes stale.
+
+    Why: at decode sizes (16-32 rows) MKL's sgemm repacks the weight on every call and streams ~6 GB/s of weights
+    on one core here; oneDNN with the weight reordered once runs the same matmuls ~2x faster, fp32 and bf16
+    (perf/RESULTS.md). Costs a second copy of the weight in memory. Rounding differs from MKL's in the last bits,
+    as with any change of GEMM kernel.
+    """
+
+    ROWS = 16  # oneDNN's batch-size hint; 16 serves 1-512 rows well here (1 would be ~2x slower at 16 rows)
+    # Decode-sized inputs only: oneDNN keeps memory per distinct row count, so prefills of ever new lengths grew
+    # the process by ~6 MB each (950 MB after 100 batches, perf/RESULTS.md); bounded at ~250 MB this way.
+    MAX_ROWS = 256
+
+    def __init__(self):
+        self.packed: torch.Tensor | None = None
+        self.key: tuple[int, int] | None = None
+
+    def __getstate__(self):  # oneDNN's opaque tensors do not pickle or deep-copy: repack on first use instead
+        return {"packed": None, "key": None}
+
+    @staticmethod
+    def applies(weight: torch.Tensor) -> bool:
+        return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+                and torch.backends.mkldnn.is_available())
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.numel() > self.MAX_ROWS * x.shape[-1]:
+            return F.linear(x, weight, bias)
+        # An inference tensor has no version counter, but nothing can change it outside inference mode either.
+        key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+        if key != self.key:
+            with torch.no_grad():
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.ROWS)
+            self.key = key
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` whose no-grad forward uses a ``OneDNNWeight``; parameters, names and training are
+    untouched. Made by ``pack_linears``, which swaps the class of existing modules in place."""
+
+    onednn: OneDNNWeight
+
+    def forward(self, x):
+        if torch.is_grad_enabled() or not OneDNNWeight.applies(self.weight):
+            return super().forward(x)
+        return self.onednn.linear(x, self.weight, self.bias)
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Every ``nn.Linear`` under ``module`` becomes a ``PackedLinear`` (CPU inference engines)."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = PackedLinear
+            m.onednn = OneDNNWeight()
+
+
 class FusedLinear(nn.Module):
-    """Several bias-free or biased Linears over the same input as one matmul (fewer, larger kernels per step).
+    """Several Linears over the same input as one matmul (fewer, larger kernels per step), prepacked for oneDNN on
+    CPU when ``pack`` (see ``OneDNNWeight``).
 
     The original weights become views into the fused tensor, so ``state_dict`` names, ``update_weights`` (in-place
     copies) and loading keep working; only a later ``.to(dtype/device)`` would break the sharing, so fuse after
-    placing the model.
+    placing the model (``refresh`` re-fuses if it happened).
     """
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, linears: list[nn.Linear], pack: bool = False):
         super().__init__()
         self.sizes = [lin.out_features for lin in linears]
         self._linears = tuple(linears)  # a tuple, not a ModuleList: they stay registered under their own names
+        self.onednn = OneDNNWeight() if pack else None
         self._fuse()
 
     def _fuse(self) -> None:
@@ -277,19 +354,28 @@ class FusedLinear(nn.Module):
             self._fuse()
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.matmul(x).split(self.sizes, dim=-1)
+
+    def matmul(self, x):
+        """The fused output, unsplit: [..., sum(sizes)]."""
+        if self.onednn is not None and OneDNNWeight.applies(self.weight):
+            return self.onednn.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
-def fuse_projections(module: nn.Module) -> None:
-    """Fuse q/k/v and gate/up projections of every decoder layer under ``module`` (inference engines only; call
-    again after moving or casting the module: it re-fuses what a ``.to()`` replaced)."""
+def fuse_projections(module: nn.Module, pack: bool = False) -> None:
+    """Inference engines only. Fuse q/k/v and gate/up projections of every decoder layer under ``module``; with
+    ``pack`` (CPU) also prepack every Linear for oneDNN (``pack_linears``). Call again after moving or casting the
+    module: it re-fuses what a ``.to()`` replaced."""
     for m in module.modules():
         if isinstance(m, Attention) and m.qkv is None:
-            m.qkv = FusedLinear([m.q_proj, m.k_proj, m.v_proj])
+            m.qkv = FusedLinear([m.q_proj, m.k_proj, m.v_proj], pack)
         elif isinstance(m, MLP) and m.gate_up is None:
-            m.gate_up = FusedLinear([m.gate_proj, m.up_proj])
+            m.gate_up = FusedLinear([m.gate_proj, m.up_proj], pack)
         elif isinstance(m, FusedLinear):
             m.refresh()
+    if pack:
+        pack_linears(module)
 
 
 def _eager_attention(q, k, v, mask):

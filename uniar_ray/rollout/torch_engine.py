@@ -37,11 +37,16 @@ class _Item:
 
 class TorchRolloutEngine:
     def __init__(self, policy: UniARPolicy, max_batch: int = 16, recompute_visual_stack: bool = False,
-                 fuse: bool = True, static_shapes: bool = False, cuda_graph: bool = False, compile: bool = False):
+                 fuse: bool = True, static_shapes: bool = False, cuda_graph: bool = False, compile: bool = False,
+                 multinomial_sampler: bool = False):
         """recompute_visual_stack=True runs the reference's algorithm (the visual stack over the whole sequence at
         every step, no cache); only benchmarks and tests use it, as the baseline the cache is measured against.
+        multinomial_sampler=True draws every bit as the reference does (softmax, then ``torch.multinomial`` over
+        the two-way rows, from the global RNG: not seeded per sample), for that baseline's per-step cost.
 
-        fuse: q/k/v and gate/up projections as one matmul each (``fuse_projections``: same numbers, fewer kernels).
+        fuse: q/k/v and gate/up projections as one matmul each (``fuse_projections``: fewer kernels), and on CPU
+        every decoder-layer projection prepacked for oneDNN (about half the matmul time at decode sizes; rounding
+        differs from MKL's sgemm in the last bits, as any change of GEMM kernel does).
         static_shapes: every step attends over the whole preallocated cache under a mask and writes at a device
         index, so a step has fixed shapes and no host sync. cuda_graph: record that step in a CUDA graph and replay
         it (per-step launch overhead gone; implies static_shapes; CUDA only). compile: fuse each decoder layer's
@@ -54,14 +59,17 @@ class TorchRolloutEngine:
                              "use cuda_graph=False on CPU")
         if recompute_visual_stack and (static_shapes or cuda_graph):
             raise ValueError("recompute_visual_stack is the uncached reference baseline: it has no static form")
+        if multinomial_sampler and (static_shapes or cuda_graph):
+            raise ValueError("multinomial_sampler is the reference's sampler for baselines: it has no static form")
         self.policy = policy.eval()
         self.fuse = fuse
-        if fuse:
-            fuse_projections(self.policy)
+        if fuse:  # Inductor does not trace oneDNN's packed weights: no packing under compile
+            fuse_projections(self.policy, pack=policy.device.type == "cpu" and not compile)
         if compile:
             compile_decoder_layers(self.policy)
         self.max_batch = max_batch
         self.recompute_visual_stack = recompute_visual_stack
+        self.multinomial_sampler = multinomial_sampler
         self.static_shapes = static_shapes or cuda_graph
         self.cuda_graph = cuda_graph
         self._tokens = 0
@@ -162,7 +170,8 @@ class TorchRolloutEngine:
         self.last_step_seconds = []
         t_step = time.perf_counter()
         for i in range(run.n):
-            run.load_uniforms(i)
+            if not self.multinomial_sampler:
+                run.load_uniforms(i)
             step(i)
             run.out_bits[:, i], run.out_lp[:, i] = run.bits, run.blp
             if self.cuda_graph:
@@ -308,14 +317,23 @@ class _Run:
         if len(self.cfg_rows):
             cond = cond.index_copy(0, self.cfg_rows, guided_logits(cond[self.cfg_rows], logits[b:], self.scales))
         lp = bit_logprobs_t(cond, self.temps)
-        self.bits, self.blp = sample_bits(lp, self.u[:, 0])
+        self.bits, self.blp = self._draw(cond, lp, self.u[:, 0], self.temps)
         self.row_bits = self.bits
         if len(self.cfg_rows):
             # An uncond row feeds back its item's bits (shared) or an independent draw from the same guided
             # distribution (reference, as the published code does).
-            own = sample_bits(lp[self.cfg_rows], self.u[self.cfg_rows, 1])[0]
+            own = self._draw(cond[self.cfg_rows], lp[self.cfg_rows], self.u[self.cfg_rows, 1],
+                             self.temps[self.cfg_rows])[0]
             uncond = torch.where(self.uncond_own, own, self.bits[self.cfg_rows])
             self.row_bits = torch.cat([self.bits, uncond])
+
+    def _draw(self, logits, lp, u, temps):
+        """bits uint8 [B, L, U, D] and their log-probs: thresholded uniforms, or the reference's multinomial."""
+        if not self.engine.multinomial_sampler:
+            return sample_bits(lp, u)
+        probs = torch.softmax(logits / temps.view(-1, 1, 1, 1, 1), dim=-1)
+        bits = torch.multinomial(probs.view(-1, 2), 1).view(probs.shape[:-1])
+        return bits.to(torch.uint8), lp.gather(-1, bits.unsqueeze(-1)).squeeze(-1)
 
     def advance(self, t: int) -> None:
         """Backbone and visual stack over position t (static shapes: the position is ``self.t``, set by the
