@@ -2,10 +2,11 @@
 
     python -m perf.engine_overhead --baseline-rev fe83fa4    # vs the engine as it was at that commit
 
-Variants, same weights and requests (bench config, N = 256, batch 8, fp32), interleaved in one process:
+Variants, same weights and requests (bench config, N = 256, --batch, fp32), interleaved in one process:
 - baseline: the engine file at --baseline-rev (masks, positions and uniforms built per step, unfused projections);
 - unfused: today's engine with fuse=False (per-batch tables and masks, chunked uniforms, grouped decode attention);
-- fused: today's default (q/k/v and gate/up as one matmul each);
+- fused_mkl: q/k/v and gate/up as one matmul each, q/k normalised and rotated together, MKL's sgemm (pack=False);
+- fused: today's default, the same with every projection prepacked for oneDNN (CPU);
 - static: static_shapes=True (what the CUDA graph captures; on CPU it attends over the whole buffer);
 - compiled: fused + compile=True (Inductor fuses each layer's elementwise work; compiles for a minute or more).
 Operator counts come from torch.profiler (deterministic, unlike times on a shared machine). Last line: one JSON object.
@@ -63,6 +64,7 @@ def main(argv=None):
 
     torch.set_num_threads(a.threads)
     make = {"unfused": lambda p: TorchRolloutEngine(p, max_batch=a.batch, fuse=False),
+            "fused_mkl": lambda p: TorchRolloutEngine(p, max_batch=a.batch, pack=False),
             "fused": lambda p: TorchRolloutEngine(p, max_batch=a.batch),
             "static": lambda p: TorchRolloutEngine(p, max_batch=a.batch, static_shapes=True),
             "compiled": lambda p: TorchRolloutEngine(p, max_batch=a.batch, compile=True)}

@@ -38,7 +38,7 @@ class _Item:
 class TorchRolloutEngine:
     def __init__(self, policy: UniARPolicy, max_batch: int = 16, recompute_visual_stack: bool = False,
                  fuse: bool = True, static_shapes: bool = False, cuda_graph: bool = False, compile: bool = False,
-                 multinomial_sampler: bool = False):
+                 multinomial_sampler: bool = False, pack: bool = True):
         """recompute_visual_stack=True runs the reference's algorithm (the visual stack over the whole sequence at
         every step, no cache); only benchmarks and tests use it, as the baseline the cache is measured against.
         multinomial_sampler=True draws every bit as the reference does (softmax, then ``torch.multinomial`` over
@@ -46,7 +46,8 @@ class TorchRolloutEngine:
 
         fuse: q/k/v and gate/up projections as one matmul each (``fuse_projections``: fewer kernels), and on CPU
         every decoder-layer projection prepacked for oneDNN (about half the matmul time at decode sizes; rounding
-        differs from MKL's sgemm in the last bits, as any change of GEMM kernel does).
+        differs from MKL's sgemm in the last bits, as any change of GEMM kernel does). pack=False keeps MKL's sgemm
+        and a single copy of the weights (packing holds a second one).
         static_shapes: every step attends over the whole preallocated cache under a mask and writes at a device
         index, so a step has fixed shapes and no host sync. cuda_graph: record that step in a CUDA graph and replay
         it (per-step launch overhead gone; implies static_shapes; CUDA only). compile: fuse each decoder layer's
@@ -64,7 +65,7 @@ class TorchRolloutEngine:
         self.policy = policy.eval()
         self.fuse = fuse
         if fuse:  # Inductor does not trace oneDNN's packed weights: no packing under compile
-            fuse_projections(self.policy, pack=policy.device.type == "cpu" and not compile)
+            fuse_projections(self.policy, pack=pack and policy.device.type == "cpu" and not compile)
         if compile:
             compile_decoder_layers(self.policy)
         self.max_batch = max_batch
