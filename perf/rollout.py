@@ -23,8 +23,8 @@ SIDE = {64: (256, 256), 256: (512, 512), 900: (960, 960)}
 # The torch engines. "reference" is the reference's generation loop on our model code: the visual stack recomputed
 # over the whole sequence every step, its layers as it runs them (separate q/k/v, gate/up and o/down projections
 # through F.linear, i.e. MKL's sgemm) and its sampler (softmax + torch.multinomial per bit). "reference_our_kernels"
-# is the same loop on the cached engine's kernels (fused projections, oneDNN-prepacked weights): the algorithm's
-# share of the speed-up alone.
+# is the same loop on the cached engine's kernels (fused projections, oneDNN-prepacked weights for decode-sized
+# inputs, MKL for the recompute's large ones): the algorithm's share of the speed-up alone.
 ENGINES = {"cached": {},
            "reference": {"recompute_visual_stack": True, "fuse": False, "multinomial_sampler": True},
            "reference_our_kernels": {"recompute_visual_stack": True, "multinomial_sampler": True}}

@@ -44,10 +44,11 @@ class TorchRolloutEngine:
         multinomial_sampler=True draws every bit as the reference does (softmax, then ``torch.multinomial`` over
         the two-way rows, from the global RNG: not seeded per sample), for that baseline's per-step cost.
 
-        fuse: q/k/v and gate/up projections as one matmul each (``fuse_projections``: fewer kernels), and on CPU
-        every decoder-layer projection prepacked for oneDNN (about half the matmul time at decode sizes; rounding
-        differs from MKL's sgemm in the last bits, as any change of GEMM kernel does). pack=False keeps MKL's sgemm
-        and a single copy of the weights (packing holds a second one).
+        fuse: q/k/v and gate/up projections as one matmul each (``fuse_projections``: fewer kernels). pack (only
+        with fuse, on CPU, not under compile): every Linear of the policy prepacked for oneDNN (``OneDNNWeight``:
+        about half the matmul time at decode sizes; rounding differs from MKL's sgemm in the last bits, as any
+        change of GEMM kernel does; holds a second copy of the weights). fuse=False is the plain path: separate
+        projections through ``F.linear`` (MKL), nothing packed.
         static_shapes: every step attends over the whole preallocated cache under a mask and writes at a device
         index, so a step has fixed shapes and no host sync. cuda_graph: record that step in a CUDA graph and replay
         it (per-step launch overhead gone; implies static_shapes; CUDA only). compile: fuse each decoder layer's
