@@ -1,0 +1,36 @@
+"""Config of the rollout engines (uniar_ray/rollout/, actors/rollout_engine.py): backend, actors and their
+resources, GPU step options.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from uniar_ray.config.base import ConfigError, check_choice
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """How many rollout actors, on what resources, with which engine (torch: KV-cached reference path; vllm)."""
+
+    backend: str = "torch"  # torch | vllm
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch: int = 16  # rows (x2 with CFG) per engine call
+    num_threads: int = 0  # torch threads inside the actor (0: torch's default)
+    vllm_kvcache_gib: float = 1.0  # vllm: paged KV cache for both stacks (kv_cache_memory_bytes), GiB
+    timeout_s: float = 1800.0  # per driver wait on a step's roll-out (and on a weight load); past it the job stops
+    # torch engine on CUDA (perf/RESULTS.md, "Rollout on a GPU"): record each decode step in a CUDA graph, and fuse
+    # each layer's elementwise work with torch.compile (a minute of compilation per process). Both off on CPU.
+    cuda_graph: bool = False
+    compile: bool = False
+
+    def __post_init__(self):
+        check_choice("rollout.backend", self.backend, ("torch", "vllm"))
+        if (self.cuda_graph or self.compile) and self.backend != "torch":
+            raise ConfigError("rollout.cuda_graph and rollout.compile apply to rollout.backend=torch")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"rollout.timeout_s={self.timeout_s}: must be > 0")
+        if self.num_actors < 1 or self.max_batch < 1:
+            raise ConfigError("rollout.num_actors and rollout.max_batch must be >= 1")
+
