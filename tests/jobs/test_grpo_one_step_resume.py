@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from jobs import grpo as job
+from jobs import grpo_run
 
 FAST = ["steps=3", "save_every=1", "grid_every=1", "data.prompts_per_step=2", "grpo.num_generations=4",
         "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
@@ -42,7 +43,7 @@ def _weights(run_dir, step):
 def test_one_step_resume_equals_the_uninterrupted_run(ray_local, tmp_path):
     full = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path / 'full'}", *FAST])
     ckpt2 = full / "checkpoints" / "step-000002"
-    assert (ckpt2 / job.PREFETCHED).exists()  # step 2's roll-out was in flight when step 1's update was saved
+    assert (ckpt2 / grpo_run.PREFETCHED).exists()  # step 2's roll-out was in flight when step 1's update was saved
     # A crash right after checkpoint 2: copy the run without what came later, then resume it.
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)

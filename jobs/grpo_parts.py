@@ -1,0 +1,276 @@
+"""The actors of a GRPO run and the driver-side glue for each stage of a step (roll-out, decode, score, weight sync),
+kept out of ``jobs/grpo.py`` so that its step reads as a list.
+
+    parts = Parts(cfg)                       # rollout engines, decoder pool, reward pools, trainers, data sampler
+    batch, images, metrics = parts.collect(step)      # stages 1-4
+    parts.sync_weights(step + 1); parts.close()
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+
+import ray
+
+from uniar_ray.config import GRPORunConfig
+from uniar_ray.limits import check_grpo_inputs
+from uniar_ray.rollout import GenerationRequest, Rollout
+from uniar_ray.runlog import RunDir
+
+SECONDARY_EXCLUSION = "another sample of its group failed"  # not a cause of its own: left out of the reasons shown
+
+
+@contextmanager
+def timed(m: dict, stage: str):
+    t0 = time.perf_counter()
+    yield
+    m[f"time/{stage}"] = time.perf_counter() - t0
+
+
+class Parts:
+    """The actors of a run and the driver-side glue for each stage (kept out of the step so it reads as a list)."""
+
+    def __init__(self, cfg: GRPORunConfig):
+        from actors.decoder_pool import DecoderPool
+        from actors.group import ActorGroup
+        from actors.reward_models import RewardGroup
+        from actors.rollout_engine import RolloutEngineActor, Weights
+        from actors.trainer import TrainerGroup
+        from uniar_ray.data import PromptSampler, load_dataset
+
+        self.cfg = cfg
+        r = cfg.rollout
+        self.rollout_group = ActorGroup(RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+                                        cfg.model, r)
+        self.decoder = DecoderPool(cfg.decoder)
+        self.rewards = RewardGroup(cfg.rewards)
+        self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps)
+        d = cfg.data
+        dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
+        dataset.records = check_grpo_inputs(dataset.records, cfg)  # model files, prompt and AR size limits
+        print(f"[grpo] data: {dataset.summary()}", flush=True)
+        self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+        self.metrics = _Metrics()
+        self.last_batch = self.last_images = None
+        self.last_reasons: list[str] = []  # why the last step's samples were excluded (their own causes only)
+        self.weights = Weights(0)  # the policy the engines must sample with: model.path until the first sync
+        self._pending = None  # the background stages 1-4 (one_step mode)
+        self._data_before: dict[int, dict] = {}  # step -> sampler position before its prompts were drawn
+        self._prefetched = None  # (step, object refs of its roll-out) while one_step has one in flight
+        self.nodes_at_start = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+    # 1-2 ----------------------------------------------------------------------------------------------------------
+    def _requests(self, step: int):
+        self._data_before = {k: v for k, v in self._data_before.items() if k >= step - 1}
+        self._data_before[step] = self.sampler.state_dict()
+        records = self.sampler.next_batch()
+        g, c = self.cfg.grpo.num_generations, self.cfg
+        reqs = []
+        for p, rec in enumerate(records):
+            for k in range(g):
+                seed = c.grpo.seed * 1_000_003 + step * 10_007 + p * g + k  # distinct per (step, prompt, sample)
+                reqs.append(GenerationRequest(rec.prompt, c.ar_height, c.ar_width, seed=seed,
+                                              temperature=self.cfg.grpo.temperature, request_id=f"s{step}-p{p}-g{k}"))
+        return records, reqs
+
+    def rollout(self, step: int):
+        records, reqs = self._requests(step)
+        results = self.rollout_group.map("generate", reqs, self.weights, timeout_s=self.cfg.rollout.timeout_s)
+        return _Batch.build(records, reqs, results, self.cfg.grpo.num_generations)
+
+    def collect(self, step: int, refs=None, records=None, reqs=None):
+        """Stages 1-4 of a step: roll-out (or wait for one already submitted), decode, score."""
+        m: dict[str, float] = {}
+        with timed(m, "rollout"):  # 1-2. sample prompts, roll out G per prompt
+            if refs is None:
+                batch = self.rollout(step)
+            else:
+                results = [x for part in ray.get(refs, timeout=self.cfg.rollout.timeout_s) for x in part]
+                batch = _Batch.build(records, reqs, results, self.cfg.grpo.num_generations)
+        m["rollout/weight_version"] = min(r.weight_version for r in batch.rollouts)
+        with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
+            images = self.decode(batch)
+        with timed(m, "score"):  # 4. rewards in parallel, routed by task, weighted nansum
+            self.score(batch, images, m)
+        return batch, images, m
+
+    def prefetch(self, step: int, rollouts: list | None = None):
+        """Submit step ``step``'s roll-out now (ordered before any later weight update), finish 1-4 in a thread.
+        rollouts: that roll-out already done (saved in the checkpoint a resume starts from): decode and score it."""
+        from actors.group import split_even
+
+        records, reqs = self._requests(step)
+        if rollouts is None:
+            shards = split_even(reqs, len(self.rollout_group.actors))
+            refs = [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards) if s]
+        else:
+            if [r.request_id for r in rollouts] != [q.request_id for q in reqs]:
+                raise RuntimeError(f"the checkpoint's prefetched roll-out is not step {step}'s (other requests): "
+                                   "was data.* or grpo.num_generations changed? resume with the same config")
+            refs = [ray.put(rollouts)]
+        self._prefetched = (step, refs)
+        self._pending = in_background(self.collect, step, refs, records, reqs)
+        return self._pending
+
+    def data_state(self, step: int) -> dict:
+        """The sampler position to resume at ``step`` from: before its prompts were drawn, also when a one_step
+        prefetch has drawn them already."""
+        return self._data_before.get(step) or self.sampler.state_dict()
+
+    def prefetched_rollouts(self, step: int) -> list | None:
+        """Step ``step``'s roll-out if one_step submitted it before the update (waits for it), else None."""
+        if self._prefetched is None or self._prefetched[0] != step:
+            return None
+        results = [x for part in ray.get(self._prefetched[1]) for x in part]
+        return results if all(isinstance(r, Rollout) for r in results) else None
+
+    # 3 --------------------------------------------------------------------------------------------------------------
+    def decode(self, batch):
+        from uniar_ray.decoder.types import DecodeRequest
+
+        g = self.cfg.grpo
+
+        def seed(r):  # see GRPORunConfig.decode_seed
+            mode = self.cfg.decode_seed
+            return g.seed if mode == "fixed" else batch.seeds[r.group] if mode == "group" else r.seed
+
+        results = self.decoder.decode_requests([DecodeRequest.from_rollout(r, seed=seed(r)) for r in batch.rollouts],
+                                               upsampling_ratio=self.cfg.decode_upsampling_ratio,
+                                               num_inference_steps=g.decode_num_inference_steps,
+                                               guidance_scale=g.decode_cfg_scale)
+        for r, res in zip(batch.rollouts, results):
+            if not res.ok:  # never a blank image in its place: the sample (and so its group) is left out
+                r.excluded = r.excluded or f"decode failed: {res.error}"
+        return [res.image if res.ok else None for res in results]
+
+    # 4 --------------------------------------------------------------------------------------------------------------
+    def score(self, batch, images, m: dict) -> None:
+        ok = [i for i, im in enumerate(images) if im is not None]
+        arrays = [images[i] for i in ok]
+        rec = [batch.record_of(i) for i in ok]
+        routed = self.rewards.score(arrays, [x.prompt for x in rec], [x.task for x in rec], [x.metadata for x in rec])
+        for j, i in enumerate(ok):
+            r = batch.rollouts[i]
+            r.rewards = {n: float(v[j]) for n, v in routed.per_reward.items()}
+            if routed.failed.get(j):  # a reward call failed on it: never a made-up score
+                r.excluded = r.excluded or "; ".join(routed.failed[j])
+        m.update({f"score/{k}": v for k, v in routed.metrics.items()})
+
+    # 7 --------------------------------------------------------------------------------------------------------------
+    def sync_weights(self, version: int) -> None:
+        """Trainer rank 0 puts the new weights into its object store; the driver hands the reference on (the
+        engines fetch the tensors from rank 0's node, never through this process). An engine that is down now
+        loads them before its next roll-out (``generate`` gets ``self.weights``)."""
+        self.weights = self.trainer.publish_weights(version)
+        refs = self.rollout_group.broadcast("update_weights", self.weights.ref, version)
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=self.cfg.rollout.timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                print(f"[grpo] rollout engine {i} did not take weights version {version} "
+                      f"({type(e).__name__}); it loads them before its next roll-out", file=sys.stderr, flush=True)
+
+    def lost_nodes(self, wait_s: float = 45.0) -> list[str]:
+        """Addresses of the nodes alive when the run started and dead now. A killed node is declared dead only after
+        its missed health checks (~15-30 s), while its actors' errors arrive at once: wait up to ``wait_s`` for that."""
+        others = {i: ip for i, ip in self.nodes_at_start.items() if i != ray.get_runtime_context().get_node_id()}
+        deadline = time.monotonic() + wait_s
+        while others:  # a single-node (local) run cannot lose a node and still be here
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            lost = sorted(ip for i, ip in others.items() if i not in alive)
+            if lost or time.monotonic() > deadline:
+                return lost
+            time.sleep(1.0)
+        return []
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def export(self, m: dict) -> None:
+        self.metrics.export(m)
+
+    def save_grid(self, run: RunDir, step: int) -> None:
+        from uniar_ray.visualize import captioned_grid
+
+        if self.last_batch is None:
+            return
+        from PIL import Image
+
+        shown = [(im, r) for im, r in zip(self.last_images, self.last_batch.rollouts) if im is not None][:16]
+        if shown:
+            grid = captioned_grid([Image.fromarray(im) for im, _ in shown], [f"{r.reward:.3f} {r.prompt}" for _, r in shown])
+            grid.save(run.path / "grids" / f"step-{step:06d}.png")
+
+    def close(self, join_timeout_s: float = 30.0) -> None:
+        """Kill every actor first, so that a background step waiting on one fails at once instead of waiting
+        (or spinning on a pool that is gone), then join that step, then release the pools."""
+        actors = [*self.rollout_group.actors, *self.decoder.actors, *self.trainer.actors,
+                  *(a for pool in self.rewards.pools.values() for a in pool)]
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        if self._pending is not None:
+            self._pending.cancel()
+            try:
+                self._pending.exception(timeout=join_timeout_s)
+            except (FutureTimeout, CancelledError):
+                pass  # a daemon thread: it cannot keep the process alive
+        self.rewards.shutdown()
+        self.decoder.shutdown()
+        self.trainer.shutdown()
+
+
+def in_background(fn, *args) -> Future:
+    """``fn(*args)`` in a daemon thread (unlike an executor's thread, one that is stuck cannot hold up the exit)."""
+    future: Future = Future()
+
+    def run():
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+
+    threading.Thread(target=run, name="grpo-prefetch", daemon=True).start()
+    return future
+
+
+class _Batch:
+    """Rollouts of one step, G consecutive per prompt, with the prompt records they came from."""
+
+    def __init__(self, records, rollouts, g):
+        self.records, self.rollouts, self.g = records, rollouts, g
+        self.seeds = [rollouts[i * g].seed for i in range(len(records))]  # one decoder seed per group
+
+    def record_of(self, i: int):
+        return self.records[i // self.g]
+
+    @classmethod
+    def build(cls, records, reqs, results, g):
+        rollouts = []
+        for i, (req, res) in enumerate(zip(reqs, results)):
+            if not isinstance(res, Rollout):
+                raise RuntimeError(f"rollout failed for {req.request_id}: {res.error}")
+            res.group, res.task = i // g, records[i // g].task
+            rollouts.append(res)
+        return cls(records, rollouts, g)
+
+
+class _Metrics:
+    """Per-step figures as Ray metrics (Prometheus via the dashboard): one gauge per key, created on first use."""
+
+    def __init__(self):
+        self.gauges = {}
+
+    def export(self, m: dict) -> None:
+        from ray.util.metrics import Gauge
+
+        for k, v in m.items():
+            if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                continue
+            name = "uniar_grpo_" + "".join(c if c.isalnum() else "_" for c in k)
+            if name not in self.gauges:
+                self.gauges[name] = Gauge(name, description=f"GRPO {k} per step")
+            self.gauges[name].set(float(v))
