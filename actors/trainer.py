@@ -22,11 +22,11 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.rollout_engine import Weights
-from uniar_ray import grpo
+from uniar_ray import grpo, train_step
 from uniar_ray.config import GRPOConfig, ModelConfig, TrainerConfig
 from uniar_ray.model.factory import load_policy
-from uniar_ray.model.prompts import pad_left
 from uniar_ray.rollout.types import Rollout
+from uniar_ray.train_step import batch_counts
 
 FROZEN_PREFIXES = ("model.visual.", "lm_head.")  # the reference trains everything but the vision tower
 GATHER_BUCKET_NUMEL = 50_000_000  # ZeRO-3 weight publish: elements gathered at once (200 MB in fp32)
@@ -34,13 +34,6 @@ GATHER_BUCKET_NUMEL = 50_000_000  # ZeRO-3 weight publish: elements gathered at 
 
 def trainable(name: str) -> bool:
     return not name.startswith(FROZEN_PREFIXES)
-
-
-def batch_counts(samples: list[Rollout], num_processes: int) -> grpo.BatchCounts:
-    """The loss denominators of a whole generation batch (``samples`` over all ranks)."""
-    n, L, U, D = samples[0].bits_shape
-    return grpo.batch_counts(torch.tensor([not s.excluded for s in samples], dtype=torch.bool), n, L * U * D,
-                             num_processes)
 
 
 @ray.remote(max_restarts=0)
@@ -139,7 +132,7 @@ class TrainerActor:
         self.engine.optimizer.zero_grad()
         return out
 
-    def _backward_pass(self, micro: list[dict], counts: grpo.BatchCounts) -> dict[str, float]:
+    def _backward_pass(self, micro: list[train_step.MicroBatch], counts: grpo.BatchCounts) -> dict[str, float]:
         """Forward and backward over every micro-batch of the generation batch (gradients accumulate, reduced
         across ranks at the last one); metrics averaged over micro-batches, ``loss`` summed."""
         sums: dict[str, float] = {}
@@ -152,35 +145,14 @@ class TrainerActor:
                 sums[k] = sums.get(k, 0.0) + v / len(micro)
         return sums
 
-    def _prepare(self, chunk: list[Rollout]) -> dict:
-        """One micro-batch as tensors, with the log-probs that stay fixed over the passes: reference (beta != 0)
-        and old (num_iterations > 1), computed before any update of this generation batch."""
-        g, dev = self.grpo, self.engine.module.device
-        tp = pad_left([s.prompt_ids.tolist() for s in chunk], self.tokenizer.pad_token_id, dev)
-        bits = torch.stack([s.bits() for s in chunk]).to(dev)
-        x = dict(ids=tp.input_ids, mask=tp.attention_mask, bits=bits, h=chunk[0].ar_height, w=chunk[0].ar_width,
-                 adv=torch.tensor([s.advantage for s in chunk], device=dev, dtype=torch.float32),
-                 keep=torch.tensor([not s.excluded for s in chunk], device=dev),
-                 rollout_logp=torch.stack([torch.from_numpy(s.logprobs) for s in chunk]).to(dev),
-                 ref_logp=None, old_logp=None)
-        with torch.no_grad():
-            if self.ref is not None:
-                x["ref_logp"] = grpo.bit_logprobs(self.ref.bit_logits(x["ids"], x["mask"], bits, x["h"], x["w"]),
-                                                  bits, g)
-            if g.num_iterations > 1:
-                x["old_logp"] = grpo.bit_logprobs(self.engine(x["ids"], x["mask"], bits, x["h"], x["w"]), bits, g)
-        return x
+    def _prepare(self, chunk: list[Rollout]) -> train_step.MicroBatch:
+        ref = None if self.ref is None else self.ref.bit_logits
+        return train_step.prepare(chunk, self.engine, ref, self.tokenizer.pad_token_id, self.grpo,
+                                  self.engine.module.device)
 
-    def _micro_loss(self, x: dict, counts: grpo.BatchCounts) -> tuple[torch.Tensor, dict[str, float]]:
-        g = self.grpo
+    def _micro_loss(self, x: train_step.MicroBatch, counts: grpo.BatchCounts) -> tuple[torch.Tensor, dict[str, float]]:
         # through the DeepSpeed engine's forward (UniARPolicy.forward = bit_logits): ZeRO-3 gathers its shards there
-        logits = self.engine(x["ids"], x["mask"], x["bits"], x["h"], x["w"])
-        logp = grpo.bit_logprobs(logits, x["bits"], g)
-        loss, metrics = grpo.policy_loss(logp, x["adv"], g, old_logp=x["old_logp"], ref_logp=x["ref_logp"],
-                                         rollout_logp=x["rollout_logp"], sample_mask=x["keep"], batch=counts)
-        with torch.no_grad():
-            metrics["entropy"] = grpo.entropy_mean(grpo.bit_entropy(logits, g), x["keep"])
-        return loss, metrics
+        return train_step.micro_loss(self.engine, x, counts, self.grpo)
 
     # ------------------------------------------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import pytest
 import ray
 import torch
 
-from actors.trainer import TrainerGroup, batch_counts
+from actors.trainer import TrainerGroup
+from uniar_ray.train_step import batch_counts
 from uniar_ray.config import GRPOConfig, ModelConfig, TrainerConfig
 from uniar_ray.model import build_tiny_policy, write_tiny_checkpoint
 from uniar_ray.rollout import GenerationRequest, TorchRolloutEngine

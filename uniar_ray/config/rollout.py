@@ -13,6 +13,13 @@ class RolloutConfig:
     """How many rollout actors, on what resources, with which engine (torch: KV-cached reference path; vllm)."""
 
     backend: str = "torch"  # torch | vllm
+    # GRPO only. separate: rollout engine actors of their own (num_actors, num_cpus, num_gpus), weights synced to
+    # them after every step. colocated (the reference's topology): each trainer rank rolls out its share of the step
+    # with the torch engine over its own live parameters; no engine actors, nothing synced.
+    placement: str = "separate"
+    # separate placement: how new weights reach the engines. object_store: trainer rank 0 puts them in its node's
+    # object store, the engines pull them. collective: a torch.distributed broadcast from rank 0 (gloo / NCCL).
+    weight_sync: str = "object_store"
     num_actors: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -27,6 +34,8 @@ class RolloutConfig:
 
     def __post_init__(self):
         check_choice("rollout.backend", self.backend, ("torch", "vllm"))
+        check_choice("rollout.placement", self.placement, ("separate", "colocated"))
+        check_choice("rollout.weight_sync", self.weight_sync, ("object_store", "collective"))
         if (self.cuda_graph or self.compile) and self.backend != "torch":
             raise ConfigError("rollout.cuda_graph and rollout.compile apply to rollout.backend=torch")
         if not self.timeout_s > 0:
