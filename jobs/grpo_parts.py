@@ -78,10 +78,14 @@ class Parts:
                                               temperature=self.cfg.grpo.temperature, request_id=f"s{step}-p{p}-g{k}"))
         return records, reqs
 
+    def generate(self, reqs: list[GenerationRequest]) -> list:
+        """Roll out ``reqs`` with the current policy (``self.weights``): one Rollout or RolloutError each, in order.
+        The one way the driver samples (training steps and validation alike)."""
+        return self.rollout_group.map("generate", reqs, self.weights, timeout_s=self.cfg.rollout.timeout_s)
+
     def rollout(self, step: int):
         records, reqs = self._requests(step)
-        results = self.rollout_group.map("generate", reqs, self.weights, timeout_s=self.cfg.rollout.timeout_s)
-        return _Batch.build(records, reqs, results, self.cfg.grpo.num_generations)
+        return _Batch.build(records, reqs, self.generate(reqs), self.cfg.grpo.num_generations)
 
     def collect(self, step: int, refs=None, records=None, reqs=None):
         """Stages 1-4 of a step: roll-out (or wait for one already submitted), decode, score."""
@@ -157,6 +161,9 @@ class Parts:
         for j, i in enumerate(ok):
             r = batch.rollouts[i]
             r.rewards = {n: float(v[j]) for n, v in routed.per_reward.items()}
+            r.reward_details = {n: {**{k: _plain(v[j]) for k, v in routed.extras.get(n, {}).items()},
+                                    **({"error": routed.errors[n][j]} if routed.errors[n][j] else {})}
+                                for n in routed.per_reward}
             if routed.failed.get(j):  # a reward call failed on it: never a made-up score
                 r.excluded = r.excluded or "; ".join(routed.failed[j])
         m.update({f"score/{k}": v for k, v in routed.metrics.items()})
@@ -220,6 +227,12 @@ class Parts:
         self.rewards.shutdown()
         self.decoder.shutdown()
         self.trainer.shutdown()
+
+
+def _plain(value):
+    """A JSON-friendly scalar (numpy values, NaN as None)."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def in_background(fn, *args) -> Future:

@@ -47,6 +47,7 @@ class Rollout:
     # Filled in by the GRPO driver after decoding and scoring:
     group: int = -1  # index of the prompt group (G rollouts of one prompt)
     rewards: dict[str, float] = dataclasses.field(default_factory=dict)  # per reward function; NaN = n/a
+    reward_details: dict[str, dict] = dataclasses.field(default_factory=dict)  # per reward: its side values, error
     reward: float = float("nan")  # weighted nansum over reward functions
     advantage: float = 0.0
     excluded: str = ""  # why this sample is left out of the loss (decode/reward failure); "" = trained on
