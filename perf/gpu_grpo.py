@@ -34,7 +34,8 @@ TEXT_STACKS = {
                num_key_value_heads=8, head_dim=128),
     "8b": {},
 }
-FROZEN_PREFIXES = ("model.visual.", "lm_head.")  # actors/trainer.py's (that module imports Ray); a test keeps them equal
+# actors/trainer.py's (that module imports Ray); a test keeps them equal
+FROZEN_PREFIXES = ("model.visual.", "lm_head.")
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched in order against the device name.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
                     ("A100", 312.0), ("L40S", 362.1))
@@ -94,9 +95,10 @@ def memory_plan(policy, decoder_numel: int, a, prompt_len: int) -> dict:
 def parts_b(policy) -> dict:
     """Parameters (billions) by part of the policy."""
     def part(name):
-        for prefix, label in (("model.language_model.embed_tokens", "embed_tokens"), ("model.language_model", "text_layers"),
-                              ("model.visual", "vision_tower_frozen"), ("visual_decoder", "visual_decoder"),
-                              ("output_layer_vistok", "vistok_head"), ("lm_head", "lm_head_frozen")):
+        for prefix, label in (("model.language_model.embed_tokens", "embed_tokens"),
+                              ("model.language_model", "text_layers"), ("model.visual", "vision_tower_frozen"),
+                              ("visual_decoder", "visual_decoder"), ("output_layer_vistok", "vistok_head"),
+                              ("lm_head", "lm_head_frozen")):
             if name.startswith(prefix):
                 return label
         return name
@@ -180,8 +182,8 @@ class Bench:
             raise RuntimeError(f"rollout failed: {bad[0].error}")
         live = [p for p in self.policy.parameters() if p.requires_grad]
         if len(live) != len(self.params) or any(p is not q for p, q in zip(live, self.params)):
-            raise RuntimeError("the rollout engine replaced trainable parameters (re-fused projections after a .to()?): "
-                               "the optimizer would update tensors the policy no longer uses")
+            raise RuntimeError("the rollout engine replaced trainable parameters (re-fused projections after a "
+                               ".to()?): the optimizer would update tensors the policy no longer uses")
         eng = {"prefill_s": self.engine.last_prefill_seconds, "capture_s": self.engine.last_capture_seconds,
                "ar_steps_s": self.engine.last_decode_seconds}
         check = self._check(rollouts) if index == 2 else None  # before this step's update; not timed
@@ -323,8 +325,8 @@ def _args(argv):
     ap.add_argument("--tiny", action="store_true", help="the tiny model and decoder (CI, CPU)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--text", default="4b", choices=sorted(TEXT_STACKS), help="Qwen3-VL text stack (default 4b: the "
-                                                                               "largest whose training state fits 80 GB)")
+    ap.add_argument("--text", default="4b", choices=sorted(TEXT_STACKS),
+                    help="Qwen3-VL text stack (default 4b: the largest whose training state fits 80 GB)")
     ap.add_argument("--prompts", type=int, default=2, help="prompt groups per step")
     ap.add_argument("--generations", type=int, default=16, help="G samples per prompt")
     ap.add_argument("--ar", type=int, help="AR side in pixels (default 512; tiny 64)")
@@ -383,6 +385,8 @@ def main(argv=None):
     for i in range(a.steps):
         steps.append(bench.step(i + 1, count_flops=i == 0))
         print(json.dumps(steps[-1]), flush=True)
+        if i == 0:
+            bench.mem["after_step1_gib"] = _allocated(dev)  # the Adam moments exist from the first update on
     check = steps[1]["check"]  # step 2: the first sampled from updated weights
     result.update(_summary(steps, a, name))
     result["check"] = {"step2_replay_equals_eager": check["replay_vs_eager"]["equal"],

@@ -26,9 +26,9 @@ class MasterWeightAdamW:
     Parameters whose gradient is None are skipped (their moments do not advance), as torch's AdamW does.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 0.0, bucket_numel: int = 1 << 26,
-                 fused: bool | None = None):
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 max_grad_norm: float = 0.0, bucket_numel: int = 1 << 26, fused: bool | None = None):
         self.params = [p for p in params]
         if not self.params:
             raise ValueError("MasterWeightAdamW: no parameters to optimise")
