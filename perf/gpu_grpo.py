@@ -352,6 +352,9 @@ def _args(argv):
         ap.error("--steps must be >= 2 (step 2 is checked against eager sampling)")
     if on_cuda and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: no CUDA device here; use --tiny --device cpu")
+    if not on_cuda and not a.tiny:
+        ap.error(f"--device {a.device} without --tiny would train the {a.text} model on the CPU (tens of GB, hours); "
+                 "use --tiny there")
     return a
 
 
@@ -382,11 +385,17 @@ def main(argv=None):
               dev)
     result["memory_measured_gib"] = bench.mem
     steps = []
-    for i in range(a.steps):
-        steps.append(bench.step(i + 1, count_flops=i == 0))
-        print(json.dumps(steps[-1]), flush=True)
-        if i == 0:
-            bench.mem["after_step1_gib"] = _allocated(dev)  # the Adam moments exist from the first update on
+    try:
+        for i in range(a.steps):
+            steps.append(bench.step(i + 1, count_flops=i == 0))
+            print(json.dumps(steps[-1]), flush=True)
+            if i == 0:
+                bench.mem["after_step1_gib"] = _allocated(dev)  # the Adam moments exist from the first update on
+    except Exception as e:  # one device call: the figures so far still end the output, as its last line
+        result.update(error=f"step {len(steps) + 1}: {type(e).__name__}: {e}"[:1000], steps=steps,
+                      peak_gib=round(torch.cuda.max_memory_allocated(dev) / GIB, 2) if dev.type == "cuda" else None)
+        print(json.dumps(result), flush=True)
+        raise
     check = steps[1]["check"]  # step 2: the first sampled from updated weights
     result.update(_summary(steps, a, name))
     result["check"] = {"step2_replay_equals_eager": check["replay_vs_eager"]["equal"],
@@ -407,7 +416,7 @@ def _summary(steps: list[dict], a, name: str) -> dict:
     out = {"phases_s": {p: last[f"{p}_s"] for p in phases}, "step_s": last["step_s"],
            "images_per_gpu_s": round(last["images"] / last["step_s"], 3), "anchor_images_per_gpu_s": "0.3-0.5"}
     hw, model = flops["train_with_recompute"], 3 * flops["forward"]
-    peak = _peak_tflops(name, a.peak_tflops)
+    peak = _peak_tflops(name, a.peak_tflops) if a.dtype == "bfloat16" else a.peak_tflops  # the table is bf16
     out["train_flops"] = {"hardware_with_recompute": hw, "model_fwd_bwd": model, "forward": flops["forward"],
                           "tflops_hardware": _sig(hw / last["train_s"] / 1e12),
                           "tflops_model": _sig(model / last["train_s"] / 1e12),

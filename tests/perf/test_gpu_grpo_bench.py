@@ -71,6 +71,14 @@ def test_gpu_reward_is_the_target_color_reward():
         assert np.abs(got - want).max() < 1e-5 and np.ptp(want) > 1e-3
 
 
+def test_bad_arguments_are_refused(capsys):
+    for argv, says in ((["--tiny", "--device", "cpu", "--steps", "1"], "--steps must be >= 2"),
+                       (["--device", "cpu"], "use --tiny there")):
+        with pytest.raises(SystemExit) as e:
+            gpu_grpo.main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_frozen_parameters_are_the_trainers():
     from actors.trainer import FROZEN_PREFIXES
 
