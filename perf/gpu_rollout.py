@@ -25,8 +25,10 @@ H200_HBM_BYTES_PER_S = 4.8e12  # the H200's nominal HBM3e bandwidth
 PROMPT = "a photo of a red cat and a blue dog on the left of a green bench"
 
 
-def build_policy(tiny: bool, device: str, dtype: torch.dtype):
-    """Published shapes from perf/configs/uniar_8b with random weights (or the tiny model), tokenizer attached."""
+def build_policy(tiny: bool, device: str, dtype: torch.dtype, text: dict | None = None):
+    """Published shapes from perf/configs/uniar_8b with random weights (or the tiny model), tokenizer attached.
+    ``text``: text_config fields to replace (another Qwen3-VL text stack under the published visual stack; the
+    vision tower's output side follows the hidden size)."""
     from uniar_ray.model import UniARPolicy
     from uniar_ray.model.configuration import UniARConfig
     from uniar_ray.model.tiny import build_tiny_policy, build_tokenizer
@@ -35,6 +37,9 @@ def build_policy(tiny: bool, device: str, dtype: torch.dtype):
         return build_tiny_policy(0, dtype=dtype).to(device)
     tokenizer = build_tokenizer()
     cfg = UniARConfig.from_pretrained(CONFIG)
+    for key, value in (text or {}).items():
+        setattr(cfg.text_config, key, value)
+    cfg.vision_config.out_hidden_size = cfg.text_config.hidden_size
     for name, tok in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
                       ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
         setattr(cfg, name, tokenizer.convert_tokens_to_ids(tok))

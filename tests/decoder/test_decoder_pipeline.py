@@ -119,6 +119,24 @@ def test_decode_requests_bit_packed(tiny_decoder):
     assert np.abs(res[0].image.astype(np.int16) - _arr(direct)).max() <= 1
 
 
+def test_decode_pixels_stay_on_the_device_and_are_the_images(tiny_decoder):
+    """decode_pixels (rewards computed on the GPU) = decode's images before the rounding to uint8; max_batch
+    chunks are joined in order."""
+    bits = random_bits(3, 64, 64, seed=8)
+    old, tiny_decoder.max_batch = tiny_decoder.max_batch, 2  # both calls batch alike (batched matmuls round apart)
+    try:
+        images = tiny_decoder.decode(bits, ar_height=64, ar_width=64, upsampling_ratio=1.0, num_inference_steps=2,
+                                     seeds=[5, 6, 7])
+        px = tiny_decoder.decode_pixels(bits, 64, 64, upsampling_ratio=1.0, num_inference_steps=2, seeds=[5, 6, 7])
+    finally:
+        tiny_decoder.max_batch = old
+    assert px.shape == (3, 3, 64, 64) and px.device == tiny_decoder.device and 0 <= float(px.min()) <= 1
+    as_uint8 = (px.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8).numpy()
+    assert all(np.array_equal(a, np.asarray(im)) for a, im in zip(as_uint8, images))
+    with pytest.raises(ValueError, match="bits must be 0 or 1"):
+        tiny_decoder.decode_pixels(bits * 2, 64, 64, num_inference_steps=1, seeds=[0, 1, 2])
+
+
 def test_prompt_is_encoded_once_and_text_encoders_dropped(tiny_decoder):
     assert not any(hasattr(tiny_decoder, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "pipeline"))
     p = tiny_decoder.prompt

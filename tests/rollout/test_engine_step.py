@@ -230,3 +230,25 @@ def test_fused_projection_path_is_bit_identical_to_the_separate_one(dtype):
         together = attn.project(x, cos, sin)
     for a, b in zip(apart, together):
         assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_compiled_layers_are_inference_only(policies, monkeypatch):
+    """A trainer that shares the policy with a compiled engine (colocated rollout) trains through the eager layers;
+    sampling uses the compiled ones."""
+    from uniar_ray.model import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "_COMPILED", {"pre": lambda *a: calls.append("pre") or layers._pre(*a),
+                                              "post": lambda *a: calls.append("post") or layers._post(*a)})
+    policy = copy.deepcopy(policies[0])
+    for m in policy.modules():
+        if isinstance(m, layers.DecoderLayer):
+            m.compiled = True
+    ids = policy.tokenizer(["a red cat<|vision_start|>"], return_tensors="pt")["input_ids"]
+    bits = torch.randint(0, 2, (1, 4, *policy.bits_shape), dtype=torch.uint8)
+    policy.bit_logits(ids, torch.ones_like(ids), bits, 64, 64).float().sum().backward()
+    assert calls == [] and policy.visual_decoder[0].mlp.down_proj.weight.grad is not None
+    with torch.no_grad():
+        policy.bit_logits(ids, torch.ones_like(ids), bits, 64, 64)
+    n_layers = len(policy.model.language_model.layers) + len(policy.visual_decoder)
+    assert calls.count("pre") == calls.count("post") == n_layers

@@ -170,6 +170,20 @@ class UniARDecoder:
             raise DecodeError(results)
         return results
 
+    def decode_pixels(self, bits: torch.Tensor, ar_height: int, ar_width: int, upsampling_ratio: float = 2.0,
+                      num_inference_steps: int = 28, guidance_scale: float = 1.5,
+                      seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """``decode`` for samples of one size, kept on the decoder's device: bits [B, N, L, U, D] -> pixels
+        [B, 3, H, W] in [0, 1], the decoder's dtype (``decode``'s images are these x 255, rounded), for rewards
+        computed where the images are. Any bad sample raises."""
+        seeds = [secrets.randbits(63) for _ in range(len(bits))] if seeds is None else list(seeds)
+        if len(seeds) != len(bits):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(bits)} samples")
+        items = [self._check(i, bits[i], ar_height, ar_width, upsampling_ratio, num_inference_steps, guidance_scale,
+                             seeds[i]) for i in range(len(bits))]
+        return torch.cat([self._run(items[s: s + self.max_batch], pixels=True)
+                          for s in range(0, len(items), self.max_batch)])
+
     def decode_requests(self, requests: Sequence[DecodeRequest], upsampling_ratio: float = 2.0,
                         num_inference_steps: int = 28, guidance_scale: float = 1.5) -> list[DecodeResult]:
         """Bit-packed requests -> one DecodeResult (uint8 image or error text) per request, in order. The arguments
@@ -266,7 +280,8 @@ class UniARDecoder:
     # ------------------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run(self, chunk: list[_Sample], on_step: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    def _run(self, chunk: list[_Sample], on_step: Callable[[int, int], None] | None = None,
+             pixels: bool = False) -> list[np.ndarray] | torch.Tensor:
         first, b = chunk[0], len(chunk)
         cfg = first.guidance > 1.0  # as diffusers: guidance <= 1 runs the conditional branch only
         vsf, patch = self.vae_scale_factor, self.vision.cfg.patch_size
@@ -291,6 +306,8 @@ class UniARDecoder:
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
+        if pixels:
+            return self.image_processor.denormalize(self._vae_decode(latents))
         return self._to_images(latents)
 
     def _noise(self, seed: int, lat_h: int, lat_w: int) -> torch.Tensor:
@@ -317,10 +334,14 @@ class UniARDecoder:
         timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, **kwargs)
         return scheduler, timesteps
 
-    def _to_images(self, latents: torch.Tensor) -> list[np.ndarray]:
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> the VAE's pixels [B, 3, H, W] in [-1, 1]."""
         conf = self.vae.config
         latents = latents / conf.scaling_factor + (conf.shift_factor or 0.0)
-        pixels = self.vae.decode(latents, return_dict=False)[0]
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    def _to_images(self, latents: torch.Tensor) -> list[np.ndarray]:
+        pixels = self._vae_decode(latents)
         arr = self.image_processor.postprocess(pixels, output_type="np")  # [B, H, W, 3] float in [0, 1]
         return [np.ascontiguousarray((a * 255).round().astype(np.uint8)) for a in arr]
 

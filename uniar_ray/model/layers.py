@@ -414,7 +414,10 @@ class DecoderLayer(nn.Module):
         self.compiled = False  # see compile_decoder_layers
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
-        pre, post = (_COMPILED["pre"], _COMPILED["post"]) if self.compiled else (_pre, _post)
+        # Compiled for inference only: a trainer that shares the policy with its rollout engine (colocated) runs
+        # its forward and backward eagerly, as the DeepSpeed trainer does.
+        compiled = self.compiled and not torch.is_grad_enabled()
+        pre, post = (_COMPILED["pre"], _COMPILED["post"]) if compiled else (_pre, _post)
         q, k, v = pre(self, x, cos, sin)
         return post(self, x, self.self_attn.attend(q, k, v, mask, cache, layer, start))
 
@@ -435,8 +438,8 @@ def compile_decoder_layers(module: nn.Module) -> None:
     """Run every decoder layer's elementwise work (RMSNorms, rotary, residuals, SiLU) as Inductor-fused kernels
     around the matmuls; the cache write and attention stay eager. One compilation serves every layer and shape
     (parameters are graph inputs; dynamic shapes). On GPU this cuts a decode step's ~50 small kernels per layer
-    to about a dozen, which is what a CUDA-graphed step is then bound by. Inference only; same math, though fused
-    bf16 rounding may differ from eager in the last bit."""
+    to about a dozen, which is what a CUDA-graphed step is then bound by. Inference only (with gradients enabled
+    the layers run eagerly); same math, though fused bf16 rounding may differ from eager in the last bit."""
     if not _COMPILED:
         _COMPILED["pre"] = torch.compile(_pre, dynamic=True)
         _COMPILED["post"] = torch.compile(_post, dynamic=True)
