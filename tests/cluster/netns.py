@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IFACE = "veth0"  # the node end of each veth pair: the same name in every node namespace (GLOO_SOCKET_IFNAME)
-GCS_PORT, DASHBOARD_PORT, METRICS_PORT = 6379, 8265, 8090
+GCS_PORT, DASHBOARD_PORT, METRICS_PORT, CLIENT_PORT = 6379, 8265, 8090, 10001
+# The ports Ray would otherwise pick at random, fixed as in cluster.yaml (test_cluster_yaml checks that they agree) so
+# that a firewall can name every port a node opens; README "Ports" says who reaches each.
+NODE_PORT_FLAGS = ("--node-manager-port=8076", "--object-manager-port=8077", "--dashboard-agent-grpc-port=8078",
+                   "--runtime-env-agent-port=8079", "--dashboard-agent-listen-port=52365", "--min-worker-port=10002",
+                   "--max-worker-port=19999")
 # Environment a cluster process must never inherit from the caller: it would join or authenticate elsewhere.
 FOREIGN_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_JOB_CONFIG_JSON_ENV_VAR")
 
@@ -181,13 +186,14 @@ class Cluster:
         self.run("head", [self.ray, "start", "--head", f"--node-ip-address={self.ip('head')}", f"--port={GCS_PORT}",
                           "--num-cpus=0", f"--temp-dir={self.base / 'head'}", "--include-dashboard=true",
                           f"--dashboard-host={self.ip('head')}", f"--dashboard-port={DASHBOARD_PORT}",
-                          f"--metrics-export-port={METRICS_PORT}", "--disable-usage-stats"], timeout=180, check=True)
+                          f"--metrics-export-port={METRICS_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
+                          *NODE_PORT_FLAGS, "--disable-usage-stats"], timeout=180, check=True)
 
     def start_worker(self, node: str, token_path: Path | None = None, check: bool = True,
                      timeout: float = 180) -> subprocess.CompletedProcess:
         return self.run(node, [self.ray, "start", f"--address={self.gcs_address}", f"--node-ip-address={self.ip(node)}",
                                f"--num-cpus={self.worker_cpus}", f"--temp-dir={self.base / node}",
-                               f"--metrics-export-port={METRICS_PORT}", "--disable-usage-stats"],
+                               f"--metrics-export-port={METRICS_PORT}", *NODE_PORT_FLAGS, "--disable-usage-stats"],
                         timeout=timeout, check=check, env=self.env(node, token_path))
 
     def alive_node_ips(self) -> list[str]:
