@@ -147,3 +147,18 @@ def test_a_one_step_resume_with_another_temperature_samples_the_prefetched_step_
             "this step's is 0.5); sampling it again") in err
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in rows] == [0, 1] and rows[1]["rollout/weight_version"] == 1  # the checkpoint's weights
+
+
+@pytest.mark.parametrize("rewards,expected", [
+    ([0.1, 0.2, 0.4], "per-step noise not estimated (3 steps; it needs 4 or more)"),
+    ([0.1, 0.3], "per-step noise not estimated (2 steps; it needs 4 or more)"),
+    ([0.1, 0.2, 0.3, 0.4], "per-step noise 0 (the curve is a straight line)"),
+    ([0.1, 0.3, 0.2, 0.5, 0.4], "per-step noise 0.1"),
+])
+def test_grpo_summary_of_a_short_run_never_prints_nan(tmp_path, capsys, rewards, expected):
+    run = RunDir(tmp_path / "run").open()
+    for step, r in enumerate(rewards):
+        run.log_metrics({"step": step, "reward_mean": r})
+    grpo_job.summarize(run)
+    line = capsys.readouterr().out
+    assert expected in line and "nan" not in line.lower() and line.startswith("[grpo] mean reward: first ")
