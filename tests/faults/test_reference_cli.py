@@ -140,7 +140,8 @@ def test_chat_image_url_that_gives_no_image_is_one_line_before_the_model_loads(
 
 def test_image_sources_that_are_not_files_or_http_urls(run_job, tmp_path):
     code, err = run_job(chat.main, "chat", ["--image", "ftp://127.0.0.1/a.png", "--prompt", "hi"])
-    assert code == 2 and "--image ftp://127.0.0.1/a.png: ftp:// is not supported; give a local file or an http(s) URL" in err
+    assert code == 2 and "--image ftp://127.0.0.1/a.png: ftp:// is not supported; give a local file or an http(s) " \
+                         "URL" in err
     import socket
 
     with socket.socket() as s:  # a port nothing listens on

@@ -53,7 +53,8 @@ def _argv(run, *overrides):
     (["grpo.decode_num_inference_steps=3"], "grpo.decode_num_inference_steps: 4 -> 3 (changes how the images"),
     (["decode_seed=sample"], "decode_seed: 'fixed' -> 'sample'"),
     (["rewards.models.target_color.weight=2.0"], "rewards.models.target_color.weight: 1.0 -> 2.0 (changes the reward"),
-    (["rewards.models.target_color.target=[0,0,255]"], "rewards.models.target_color.target: [255.0, 0.0, 0.0] -> [0.0, 0.0, 255.0]"),
+    (["rewards.models.target_color.target=[0,0,255]"],
+     "rewards.models.target_color.target: [255.0, 0.0, 0.0] -> [0.0, 0.0, 255.0]"),
     (["rewards.models.brightness={target: [0.5]}"], "rewards.models.brightness.kind: <unset> -> 'brightness'"),
     (["rollout.placement=colocated"], "rollout.placement: 'separate' -> 'colocated'"),
 ])
@@ -91,7 +92,8 @@ def test_resume_identity_of_older_runs_reward_sets_and_validation():
     fewer = json.loads(json.dumps(new))
     fewer["rewards"]["models"] = {}  # a reward removed
     breaking, _ = ckpt.compare_identity(new, fewer)
-    assert "rewards.models.target_color.weight: 1.0 -> <unset> (changes the reward the run maximises" in "\n".join(breaking)
+    removed = "rewards.models.target_color.weight: 1.0 -> <unset> (changes the reward the run maximises"
+    assert removed in "\n".join(breaking)
     with_val = {**new, "validation": {"prompts": "a.jsonl", "every": 5, "seed": 0}}
     for change in ({"prompts": "b.jsonl"}, {"every": 10}, {"seed": 1}):  # the whole section is identity for now
         breaking, _ = ckpt.compare_identity(with_val, {**new, "validation": {**with_val["validation"], **change}})
