@@ -3,6 +3,8 @@
     python -m jobs.generate --prompt "a red apple" --output apple.png           # the tiny model on CPU, no download
     python -m jobs.generate --model /ckpt/UniAR --prompt "a red apple" --output apple.png --save-bits
     python -m jobs.generate --prompt "make the apple blue" --image apple.png --output blue.png      # edit mode
+    python -m jobs.generate --model_path /ckpt/UniAR --prompt "A cute anime girl." --output_path generated.png \\
+        --attn sdpa                                              # the reference's inference/generate.py spelling
     ray job submit --working-dir . -- python -m jobs.generate --model /ckpt/UniAR --device cuda \\
         --prompt "a red apple" --output /shared/out/apple.png
 Several ``--prompt`` write ``<output stem>_<i>.png``; sample i uses seed ``--seed + i`` (AR sampling and decoder).
@@ -14,16 +16,22 @@ import math
 import sys
 from pathlib import Path
 
-# The reference's names and defaults (inference/generate.py); each option also takes its hyphenated spelling.
+from uniar_ray.image_source import is_url
+
+# The reference's names and defaults (inference/generate.py); each option also takes its hyphenated spelling, and
+# --model its --model_path, --output_path its --output.
 OPTIONS = [
     ("--prompt", dict(action="append", required=True, help="text prompt; repeat for several images")),
     ("--output_path", dict(default="generated.png", help="PNG path (several prompts: <stem>_<i>.png)")),
     ("--model", dict(default="tiny", help="UniAR checkpoint root (ar_model/, bsq_encoder/, sd3_transformer/, "
                                           "sd3_pipeline/), or tiny: a seeded tiny model cached under "
                                           "~/.cache/uniar-ray")),
-    ("--image", dict(default=None, help="input image for edit mode (resized to the AR size)")),
-    ("--ar_height", dict(type=int, default=960, help="AR visual-token rollout height (multiple of 32)")),
-    ("--ar_width", dict(type=int, default=960, help="AR visual-token rollout width (multiple of 32)")),
+    ("--image", dict(default=None, help="input image for edit mode (resized to the AR size): a local file or an "
+                                        "http(s) URL")),
+    ("--ar_height", dict(type=int, default=None, help="AR visual-token rollout height (multiple of 32; default 960)")),
+    ("--ar_width", dict(type=int, default=None, help="AR visual-token rollout width (multiple of 32; default 960)")),
+    ("--image_height", dict(type=int, default=None, help="the reference's deprecated alias of --ar_height")),
+    ("--image_width", dict(type=int, default=None, help="the reference's deprecated alias of --ar_width")),
     ("--upsampling_ratio", dict(type=float, default=1.067, help="decoder output size / AR size, in [1, 2]")),
     ("--temperature", dict(type=float, default=1.0)),
     ("--cfg", dict(type=float, default=1.5, help="AR classifier-free guidance scale (1 = off)")),
@@ -34,6 +42,9 @@ OPTIONS = [
     ("--save_bits", dict(action="store_true", help="also write the packed bits beside each PNG (<stem>.bits.npz)")),
     ("--device", dict(default="", help="cpu, cuda or cuda:N (default: cuda when available)")),
     ("--dtype", dict(default="", choices=["", "float32", "bfloat16"], help="default: bfloat16 on GPU, else float32")),
+    ("--attn", dict(default="flash_attention_2", choices=["flash_attention_2", "sdpa", "eager"],
+                    help="attention kernels, the reference's choices and default; flash_attention_2 needs CUDA and "
+                         "the flash-attn package: without CUDA eager is used, without the package sdpa")),
     ("--no_progress", dict(action="store_true", help="no progress bars")),
 ]
 
@@ -42,14 +53,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__.split("\n")[0])
     for name, kw in OPTIONS:
         names = [name] + ([name.replace("_", "-")] if "_" in name else [])
-        if name == "--output_path":
-            names.append("--output")
+        names += {"--output_path": ["--output"], "--model": ["--model_path", "--model-path"]}.get(name, [])
         parser.add_argument(*names, **kw)
     args = parser.parse_args(argv)
-    problems = check_args(args)
+    problems = resolve_ar_size(args) + check_args(args)
     if problems:
         parser.error("; ".join(problems))
     return args
+
+
+def resolve_ar_size(args: argparse.Namespace) -> list[str]:
+    """--image_height/--image_width (the reference's deprecated names) set the AR size when --ar_height/--ar_width do
+    not; both with different values is a problem. Unset: 960x960, the reference's default."""
+    problems = []
+    for ar, old in (("ar_height", "image_height"), ("ar_width", "image_width")):
+        given, alias = getattr(args, ar), getattr(args, old)
+        if given is not None and alias is not None and given != alias:
+            problems.append(f"--{ar} {given} and --{old} {alias} disagree (--{old} is the reference's old name of "
+                            f"--{ar}); give one of them")
+        setattr(args, ar, given if given is not None else alias if alias is not None else 960)
+    return problems
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
@@ -75,7 +98,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         problems.append(f"--output {args.output_path}: must end in .png")
     if args.model != "tiny" and not Path(args.model).is_dir():
         problems.append(f"--model {args.model}: not a folder (a UniAR checkpoint root, or tiny)")
-    if args.image is not None and not Path(args.image).is_file():
+    if args.image is not None and not is_url(args.image) and not Path(args.image).is_file():
         problems.append(f"--image {args.image}: no such file")
     return problems
 
@@ -90,19 +113,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
     import torch
 
     from uniar_ray.bits import bits_file_path, save_bits_file
+    from uniar_ray.image_source import open_image_source
+    from uniar_ray.model.factory import usable_attn
     from uniar_ray.rollout import GenerationRequest, Rollout, TorchRolloutEngine
-    from uniar_ray.rollout.images import decode_image
 
-    image = None
-    if args.image is not None:
-        image = Path(args.image).read_bytes()
-        try:
-            decode_image(image)  # an unreadable input is reported before the models load
-        except ValueError as e:
-            raise SystemExit(f"[generate] --image {args.image}: {e}") from None
+    # an unreadable input (missing, not an image, a URL that does not answer) is reported before the models load
+    image = open_image_source(args.image)[0] if args.image is not None else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
-    policy, decoder = load_models(args.model, dtype, device)
+    attn, note = usable_attn(args.attn, device)
+    if note:
+        print(f"[generate] {note}", file=sys.stderr)
+    policy, decoder = load_models(args.model, dtype, device, attn)
 
     n = len(args.prompt)
     requests = [GenerationRequest(p, args.ar_height, args.ar_width, seed=args.seed + i, temperature=args.temperature,
@@ -132,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def load_models(model: str, dtype, device: str):
+def load_models(model: str, dtype, device: str, attn_impl: str = "sdpa"):
     """The AR policy and the decoder from one checkpoint root; ``tiny`` is written once into the user cache."""
     from uniar_ray.decoder import UniARDecoder
     from uniar_ray.decoder.tiny import cached_tiny_checkpoint
@@ -140,7 +162,7 @@ def load_models(model: str, dtype, device: str):
 
     root = cached_tiny_checkpoint() if model == "tiny" else Path(model)
     print(f"loading model: {root}", file=sys.stderr)
-    return (UniARPolicy.from_pretrained(root, dtype=dtype, device=device),
+    return (UniARPolicy.from_pretrained(root, dtype=dtype, device=device, attn_impl=attn_impl),
             UniARDecoder.from_pretrained(root, dtype=dtype, device=device))
 
 

@@ -99,10 +99,14 @@ def summarize(run: RunDir) -> None:
         k = min(3, len(rows) // 2)
         first, last = sum(rows[:k]) / k, sum(rows[-k:]) / k
         noise = step_noise(rows)
-        ratio = (last - first) / noise if noise > 0 else math.nan
+        if not math.isfinite(noise):  # second differences of fewer than 4 steps: no spread to measure
+            against = f"per-step noise not estimated ({len(rows)} steps; it needs 4 or more)"
+        elif noise <= 1e-9 * max(1.0, *map(abs, rows)):  # rounding of an exactly linear curve
+            against = "per-step noise 0 (the curve is a straight line)"
+        else:
+            against = f"per-step noise {noise:.4f} (rise {(last - first) / noise:.1f}x the noise)"
         print(f"[grpo] mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} ({last - first:+.4f}); "
-              f"per-step noise {noise:.4f} (rise {ratio:.1f}x the noise); "
-              f"curve: {run.path / 'reward_curve.png'}", flush=True)
+              f"{against}; curve: {run.path / 'reward_curve.png'}", flush=True)
 
 
 def step_noise(values: list[float]) -> float:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import ray
 
+from uniar_ray.checkpoint import prefetch_mismatch
 from uniar_ray.config import GRPORunConfig
 from uniar_ray.limits import check_grpo_inputs
 from uniar_ray.rollout import GenerationRequest, Rollout
@@ -109,13 +110,16 @@ class Parts:
         from actors.group import split_even
 
         records, reqs = self._requests(step)
+        if rollouts is not None:  # reused only if it is what this step samples now (one_step: before the update)
+            why = prefetch_mismatch(rollouts, reqs, step - 1 if self.cfg.async_mode == "one_step" else step)
+            if why:
+                print(f"[grpo] --resume: the checkpoint's prefetched roll-out of step {step} does not match this run "
+                      f"({why}); sampling it again", file=sys.stderr, flush=True)
+                rollouts = None
         if rollouts is None:
             shards = split_even(reqs, len(self.rollout_group.actors))
             refs = [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards) if s]
         else:
-            if [r.request_id for r in rollouts] != [q.request_id for q in reqs]:
-                raise RuntimeError(f"the checkpoint's prefetched roll-out is not step {step}'s (other requests): "
-                                   "was data.* or grpo.num_generations changed? resume with the same config")
             refs = [ray.put(rollouts)]
         self._prefetched = (step, refs)
         self._pending = in_background(self.collect, step, refs, records, reqs)

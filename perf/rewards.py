@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 
 
@@ -91,7 +90,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.batch, args.size, args.repeats = 4, 256, 1
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("UNIAR_TINY_DIR", os.path.join(tempfile.gettempdir(), "uniar_tiny_rewards"))
 
     import ray
 

@@ -163,11 +163,14 @@ def write_tiny(kind: str, folder: str | Path, seed: int = 0) -> Path:
 
 def resolve(path: str, kind: str, seed: int = 0) -> str:
     """``path`` itself, or for ``tiny`` (``tiny-detr``: the DETR detector) the folder of that tiny model in a
-    shared cache (``$UNIAR_TINY_DIR``, default under the system temp folder)."""
+    cache (``$UNIAR_TINY_DIR``, default the user's cache: ``$UNIAR_CACHE_DIR/tiny_rewards``; never the shared temp
+    folder, where anyone could have put a model under that name first)."""
+    from uniar_ray.datasets import cache_dir
+
     if path not in ("tiny", "tiny-detr"):
         return path
     kind = "detr" if path == "tiny-detr" else kind
-    root = Path(os.environ.get("UNIAR_TINY_DIR", Path(tempfile.gettempdir()) / "uniar_tiny_rewards"))
+    root = Path(os.environ.get("UNIAR_TINY_DIR") or cache_dir() / "tiny_rewards")
     return str(write_tiny(kind, root / f"{kind}-seed{seed}", seed))
 
 

@@ -15,21 +15,51 @@ from typing import Any
 MODEL_DIR = "model"  # inside a checkpoint folder: ar_model/ + the decoder's three components (linked)
 DRIVER_STATE = "driver_state.json"  # written last: a checkpoint without it is incomplete
 
-# Settings a resumed run cannot change: the weights and optimizer state it continues from, the sharding of that
-# state, and what the saved data position means. Everything else (steps, learning rate, actor counts...) may differ
-# and is listed when it does.
+# Settings a resumed run cannot change (fnmatch patterns over the flattened config, ``*`` spans dots): what the run
+# *is*. The weights and optimizer state it continues from and their sharding; what the saved data position means; the
+# task it is trained on (AR size, prompts as the policy sees them, the decoder that turns its bits into the images the
+# rewards score, the reward set and weights, the KL reference); the seeds that make it reproducible; the validation set
+# its curves are measured on. Everything else (steps, learning rate, clipping, temperature, actor counts, timeouts...)
+# may differ and is listed when it does. docs/bad_inputs.md ("GRPO resume") has the table.
+_POLICY = "the policy the checkpoint was trained from"
+_DATA = "the prompts the saved data position points into"
+_ORDER = "the prompt order the saved data position points into"
+_DECODER = "the decoder that turns the policy's bits into the images the rewards score"
+_DECODE = "how the images the rewards score are decoded"
+_REWARD = "the reward the run maximises: which rewards, their weights, models and routing"
 IDENTITY_KEYS = {
-    "model.path": "the policy the checkpoint was trained from",
-    "model.tiny_seed": "the policy the checkpoint was trained from",
+    "model.path": _POLICY,
+    "model.tiny_seed": _POLICY,
     "model.dtype": "the dtype of the saved weights and optimizer state",
     "grpo.num_generations": "the group size of every saved step",
+    "grpo.ref_model_path": "the KL reference policy (empty = model.path)",
+    "grpo.seed": "the seeds of every roll-out and decode: the run would no longer sample what it would have",
+    "ar_height": "the image size the policy is trained to generate",
+    "ar_width": "the image size the policy is trained to generate",
     "data.prompts_per_step": "the meaning of the saved data position",
-    "data.path": "the prompts the saved data position points into",
-    "data.prompt_key": "the prompts the saved data position points into",
-    "data.seed": "the prompt order the saved data position points into",
-    "data.shuffle": "the prompt order the saved data position points into",
-    "data.skip_bad_lines": "the prompts the saved data position points into",
+    "data.path": _DATA,
+    "data.prompt_key": _DATA,
+    "data.skip_bad_lines": _DATA,
+    "data.max_prompt_tokens": "the prompts as the policy sees them (truncation)",
+    "data.seed": _ORDER,
+    "data.shuffle": _ORDER,
     "data_fingerprint": "the prompts the saved data position points into (the data files changed)",
+    "decoder.path": _DECODER,
+    "decoder.tiny_seed": _DECODER,
+    "decoder.tiny_bit_driven": _DECODER,
+    "decoder.inference_skip_final_layernorm": _DECODER,
+    "decoder.dtype": _DECODER,
+    "grpo.decode_num_inference_steps": _DECODE,
+    "grpo.decode_cfg_scale": _DECODE,
+    "decode_upsampling_ratio": _DECODE,
+    "decode_seed": _DECODE,
+    **{f"rewards.models.*.{k}": _REWARD for k in ("kind", "weight", "tasks", "model_path", "clip_path", "checkpoint",
+                                                  "target", "missing_score", "max_new_tokens", "dtype", "backend")},
+    # Conservative until a change of these mid-run is shown to be harmless: every validation key (curves before
+    # and after the resume must be measured on the same set, the same way), and where the roll-out runs (colocated
+    # samples with the trainer's live parameters, separate with synced engines).
+    "validation.*": "the validation set and how it is measured: curves before and after the resume would not compare",
+    "rollout.placement": "which weights the roll-out samples with (colocated: the trainer's; separate: synced engines)",
     "trainer.world_size": "how the optimizer state is sharded",
     "trainer.zero_stage": "how the optimizer state is sharded",
 }
@@ -180,19 +210,64 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def compare_identity(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+def breaking_reason(key: str) -> str | None:
+    """What changing ``key`` (a flattened config key) would break in a resumed run, or None when it may change."""
+    from fnmatch import fnmatchcase
+
+    return next((why for pattern, why in IDENTITY_KEYS.items() if fnmatchcase(key, pattern)), None)
+
+
+def schema_defaults(cls: Any = None, prefix: str = "") -> dict[str, Any]:
+    """Flattened default of every config field (``GRPORunConfig`` by default). A key missing from an older run's
+    config.json is a field added since: it ran as the default did, so only a new value is a change."""
+    import dataclasses
+    import typing
+
+    if cls is None:
+        from uniar_ray.config import GRPORunConfig as cls
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(schema_defaults(tp, f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[f"{prefix}{f.name}"] = f.default
+        elif f.default_factory is not dataclasses.MISSING and not isinstance(f.default_factory(), dict):
+            out[f"{prefix}{f.name}"] = f.default_factory()  # lists; a dict of named entries has no default entry
+    return out
+
+
+_UNSET = object()
+
+
+def compare_identity(old: dict[str, Any], new: dict[str, Any],
+                     defaults: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """(breaking, other): one line per differing key, ``key: old -> new``; breaking ones say what they break."""
     a, b = flatten(old), flatten(new)
+    defaults = schema_defaults() if defaults is None else defaults
+    keys = sorted(set(a) | set(b))
+    a, b = ({k: side.get(k, defaults.get(k, _UNSET)) for k in keys} for side in (a, b))
+    a, b = _effective(a), _effective(b)
     breaking, other = [], []
-    for key in sorted(set(a) | set(b)):
-        if key in IGNORED_KEYS or a.get(key) == b.get(key):
+    for key in keys:
+        va, vb = a[key], b[key]
+        if key in IGNORED_KEYS or va == vb:
             continue
-        line = f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
-        if key in IDENTITY_KEYS:
-            breaking.append(f"{line} (changes {IDENTITY_KEYS[key]})")
+        line = f"{key}: {'<unset>' if va is _UNSET else repr(va)} -> {'<unset>' if vb is _UNSET else repr(vb)}"
+        why = breaking_reason(key)
+        if why:
+            breaking.append(f"{line} (changes {why})")
         else:
             other.append(line)
     return breaking, other
+
+
+def _effective(flat: dict[str, Any]) -> dict[str, Any]:
+    """Spellings of the same run made equal: an empty grpo.ref_model_path is model.path."""
+    if flat.get("grpo.ref_model_path") == "" and "model.path" in flat:
+        flat["grpo.ref_model_path"] = flat["model.path"]
+    return flat
 
 
 def data_fingerprint(records: list[Any]) -> str:
@@ -243,3 +318,20 @@ def check_resume(folder: Path, run_config: Path, new: dict[str, Any]) -> list[st
             + "\nEither keep the checkpoint's values for these keys, or start a new run (drop --resume, or set "
               "run_dir to a new folder). Nothing was changed on disk.")
     return other
+
+
+def prefetch_mismatch(rollouts: list[Any], requests: list[Any], weight_version: int) -> str | None:
+    """Why a one_step checkpoint's prefetched roll-out is not the one this step would sample now, or None to reuse it.
+    Matching request ids are not enough: a resume may change the AR size, temperature or guidance, and a synchronous
+    resume samples from the checkpoint's weights (``weight_version``), not from the ones before its update."""
+    if len(rollouts) != len(requests):
+        return f"it holds {len(rollouts)} samples, this step draws {len(requests)}"
+    for r, q in zip(rollouts, requests):
+        for what, saved, now in (("request", r.request_id, q.request_id), ("prompt", r.prompt, q.prompt),
+                                 ("AR size", f"{r.ar_height}x{r.ar_width}", f"{q.ar_height}x{q.ar_width}"),
+                                 ("seed", r.seed, q.seed), ("temperature", r.temperature, q.temperature),
+                                 ("cfg", r.cfg_scale, q.cfg_scale),
+                                 ("weight version", r.weight_version, weight_version)):
+            if saved != now:
+                return f"{r.request_id}: {what} {saved!r}, this step's is {now!r}"
+    return None

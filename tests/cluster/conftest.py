@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.netns import Cluster, unavailable_reason
+from tests.cluster.netns import Cluster, open_lock_file, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
 # Its own prefix and subnet, apart from the by-hand default ("uniar", 10.213.7): a session never removes a cluster
@@ -34,9 +34,12 @@ def cluster_lock():
         if cluster_required():
             pytest.fail(f"cluster tests cannot run under CI: {reason}", pytrace=False)
         pytest.skip(reason)
-    with open(f"/tmp/{PREFIX}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    fd = open_lock_file(Path(f"/tmp/{PREFIX}.lock"))  # root, in the shared /tmp: no link followed, nothing written
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="session")

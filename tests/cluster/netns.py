@@ -15,11 +15,13 @@ user's ``~/.ray`` is never read or written.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -27,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IFACE = "veth0"  # the node end of each veth pair: the same name in every node namespace (GLOO_SOCKET_IFNAME)
-GCS_PORT, DASHBOARD_PORT, METRICS_PORT = 6379, 8265, 8090
+GCS_PORT, DASHBOARD_PORT, METRICS_PORT, CLIENT_PORT = 6379, 8265, 8090, 10001
+# The ports Ray would otherwise pick at random, fixed as in cluster.yaml (test_cluster_yaml checks that they agree) so
+# that a firewall can name every port a node opens; README "Ports" says who reaches each.
+NODE_PORT_FLAGS = ("--node-manager-port=8076", "--object-manager-port=8077", "--dashboard-agent-grpc-port=8078",
+                   "--runtime-env-agent-port=8079", "--dashboard-agent-listen-port=52365", "--min-worker-port=10002",
+                   "--max-worker-port=19999")
 # Environment a cluster process must never inherit from the caller: it would join or authenticate elsewhere.
 FOREIGN_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_JOB_CONFIG_JSON_ENV_VAR")
 
@@ -144,9 +151,9 @@ class Cluster:
             self.down()
         t0 = time.perf_counter()
         self.make_network()
-        (self.base / "home").mkdir(parents=True, exist_ok=True)
-        self.token_path.write_text(secrets.token_hex(32))
-        self.token_path.chmod(0o600)
+        private_dir(self.base)  # in the shared /tmp: made by us, for us, before anything secret goes in
+        (self.base / "home").mkdir(exist_ok=True)
+        write_secret(self.token_path, secrets.token_hex(32))
         t1 = time.perf_counter()
         self.start_head()
         t2 = time.perf_counter()
@@ -179,13 +186,14 @@ class Cluster:
         self.run("head", [self.ray, "start", "--head", f"--node-ip-address={self.ip('head')}", f"--port={GCS_PORT}",
                           "--num-cpus=0", f"--temp-dir={self.base / 'head'}", "--include-dashboard=true",
                           f"--dashboard-host={self.ip('head')}", f"--dashboard-port={DASHBOARD_PORT}",
-                          f"--metrics-export-port={METRICS_PORT}", "--disable-usage-stats"], timeout=180, check=True)
+                          f"--metrics-export-port={METRICS_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
+                          *NODE_PORT_FLAGS, "--disable-usage-stats"], timeout=180, check=True)
 
     def start_worker(self, node: str, token_path: Path | None = None, check: bool = True,
                      timeout: float = 180) -> subprocess.CompletedProcess:
         return self.run(node, [self.ray, "start", f"--address={self.gcs_address}", f"--node-ip-address={self.ip(node)}",
                                f"--num-cpus={self.worker_cpus}", f"--temp-dir={self.base / node}",
-                               f"--metrics-export-port={METRICS_PORT}", "--disable-usage-stats"],
+                               f"--metrics-export-port={METRICS_PORT}", *NODE_PORT_FLAGS, "--disable-usage-stats"],
                         timeout=timeout, check=check, env=self.env(node, token_path))
 
     def alive_node_ips(self) -> list[str]:
@@ -242,6 +250,60 @@ class Cluster:
         for ns in names:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only this user can enter (0700), made if missing. In a shared folder such as /tmp
+    someone else may have made it first, or planted a link there: either is refused, naming it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path}: not a folder (a symbolic link or a file someone else made?); remove it")
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"{path}: owned by uid {st.st_uid}, not by this user; remove it")
+    os.chmod(path, 0o700, follow_symlinks=False)
+    return path
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a secret (a token) readable by this user only from its first byte: created 0600 by ``open`` itself,
+    never through a link (O_NOFOLLOW) nor into a file that exists already (O_EXCL: an old one is removed first)."""
+    try:
+        path.unlink()  # removes a link itself, never what it points to
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def open_lock_file(path: Path) -> int:
+    """A lock file in a shared folder (/tmp), opened for ``flock`` without following a link someone planted there
+    (O_NOFOLLOW), never truncated or written, and refused unless it is a regular file of this user with one name
+    (a hard link to another file would be locked in its place). Returns the descriptor."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PermissionError(f"{path}: a symbolic link; the lock file is never opened through one (remove "
+                                  "it)") from None
+        raise
+    st = os.fstat(fd)
+    why = ("not a regular file" if not stat.S_ISREG(st.st_mode) else
+           f"owned by uid {st.st_uid}, not by this user" if st.st_uid != os.geteuid() else
+           f"it has {st.st_nlink} names (a hard link)" if st.st_nlink != 1 else None)
+    if why:
+        os.close(fd)
+        raise PermissionError(f"{path}: {why}; remove it")
+    return fd
 
 
 def _ip(cmd: list[str]) -> None:

@@ -157,6 +157,32 @@ def test_tokens_are_enforced(healthy, tmp_path):
     assert len(healthy.alive_node_ips()) == len(healthy.nodes)
 
 
+def listening_ports(cluster, node: str) -> set[int]:
+    out = cluster.run(node, ["ss", "-ltnH"], timeout=30, check=True)
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.stdout.splitlines() if line.strip()}
+
+
+def test_each_node_opens_only_the_documented_ports_and_only_metrics_without_a_token(healthy):
+    """README "Ports": every TCP port a node listens on is a fixed one (or a worker's, in the pinned range), and of the
+    HTTP ones only the Prometheus endpoints answer without the token."""
+    from tests.cluster.netns import CLIENT_PORT, DASHBOARD_PORT, GCS_PORT, METRICS_PORT, NODE_PORT_FLAGS
+
+    pinned = dict(f.lstrip("-").split("=") for f in NODE_PORT_FLAGS)
+    workers = range(int(pinned.pop("min-worker-port")), int(pinned.pop("max-worker-port")) + 1)
+    every_node = {METRICS_PORT, *map(int, pinned.values())}
+    head_only = {GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, 44217, 44227}  # the last two: Ray's fixed metrics ports
+    for node in healthy.nodes:
+        allowed = every_node | (head_only if node == "head" else set())
+        assert {p for p in listening_ports(healthy, node) if p not in allowed and p not in workers} == set(), node
+    for node in healthy.nodes:
+        assert healthy.http_get("head", f"http://{healthy.ip(node)}:{METRICS_PORT}/metrics", token=False)[0] == 200
+    open_on_head = {port: healthy.http_get("w1", f"http://{healthy.ip('head')}:{port}/metrics", token=False)[0]
+                    for port in (44217, 44227)}
+    assert open_on_head == {44217: 200, 44227: 200}  # unauthenticated, as README says: a firewall's job
+    agent = f"http://{healthy.ip('w1')}:{pinned['dashboard-agent-listen-port']}/api/job_agent/jobs/"
+    assert healthy.http_get("head", agent, token=False)[0] in (401, 403)
+
+
 def _kill_reward_actors(cluster) -> int:
     killed = 0
     for w in cluster.workers:

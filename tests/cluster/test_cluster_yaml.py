@@ -53,3 +53,21 @@ def test_token_auth_everywhere_and_dashboard_not_public(cluster_yaml):
     assert "RAY_AUTH_MODE=token" in head and workers and all("RAY_AUTH_MODE=token" in w for w in workers)
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in json.dumps(cluster_yaml)
     assert cluster_yaml["available_node_types"]["head"]["resources"] == {"CPU": 0}
+
+
+def test_every_port_fixed_as_in_the_test_cluster_and_listed_in_the_readme(cluster_yaml):
+    """No port is left to Ray's random choice, the namespace cluster pins the same ones, and README "Ports" names
+    each (who reaches it is the README's and cluster.yaml's comment's to say; test_cluster checks what listens)."""
+    from tests.cluster.netns import NODE_PORT_FLAGS
+
+    head = " ".join(c for c in cluster_yaml["head_start_ray_commands"] if "ray start" in c).split()
+    worker = " ".join(c for c in cluster_yaml["worker_start_ray_commands"] if "ray start" in c).split()
+    for flags in (head, worker):
+        assert set(NODE_PORT_FLAGS) <= set(flags) and "--metrics-export-port=8080" in flags
+    assert "--ray-client-server-port=10001" in head and "--port=6379" in head
+    readme = (REPO / "README.md").read_text()
+    ports = readme.split("### Ports")[1].split("\n## ")[0]
+    for flag in [*NODE_PORT_FLAGS, "--metrics-export-port=8080", "--ray-client-server-port=10001", "--port=6379"]:
+        number = flag.split("=")[1]
+        assert number in ports, flag
+    assert all(n in ports for n in ("8265", "44217", "44227", "22"))

@@ -51,7 +51,9 @@ def test_bits_file_answers_like_its_picture(tmp_path, folder):
 def test_bad_arguments(tmp_path, folder):
     with pytest.raises(SystemExit):
         chat.main(["--model", str(folder), "--prompt", "hi"])  # neither --image nor --bits
-    with pytest.raises(SystemExit, match="no such file"):
+    from uniar_ray.image_source import ImageSourceError
+
+    with pytest.raises(ImageSourceError, match="no such file"):  # a user error: one line through jobs/entry.py
         chat.main(["--model", str(folder), "--prompt", "hi", "--image", str(tmp_path / "missing.png")])
     (tmp_path / "nochat").mkdir()
     bare = write_tiny_checkpoint(tmp_path / "nochat" / "ar_model")

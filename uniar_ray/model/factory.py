@@ -21,3 +21,18 @@ def load_policy(path: str = "tiny", dtype: str = "float32", device: str = "cpu",
         policy.set_attn_impl(attn_impl)
         return policy
     return UniARPolicy.from_pretrained(path, dtype=DTYPES[dtype], device=device, attn_impl=attn_impl)
+
+
+def usable_attn(requested: str, device: str) -> tuple[str, str | None]:
+    """The attention kernel ``requested`` (the reference's ``--attn``) as this machine can run it, and a line saying
+    why when it cannot: flash_attention_2 needs CUDA (without it: eager, as the reference's chat.py falls back) and
+    the flash-attn package (without it: sdpa, the fastest kernel that needs nothing)."""
+    import importlib.util
+
+    if requested != "flash_attention_2":
+        return requested, None
+    if not str(device).startswith("cuda"):
+        return "eager", f"flash_attention_2 requires CUDA (device {device}); using eager attention instead"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "sdpa", "flash_attention_2 needs the flash-attn package, which is not installed; using sdpa instead"
+    return requested, None
