@@ -124,3 +124,13 @@ def test_gallery_in_chromium(tmp_path, browser):
     browser.open((tmp_path / "step-000000" / "index.html").as_uri())
     assert browser.evaluate("document.getElementById('next').tagName") == "SPAN"
     assert gallery.dumped_steps(tmp_path) == [0]
+
+
+def test_dump_every_config():
+    from uniar_ray.config import ConfigError, GRPORunConfig, load_config
+    from uniar_ray.config.grpo import RolloutDumpConfig
+
+    assert load_config(GRPORunConfig, "configs/grpo_demo.yaml").rollouts.dump_every == 10  # make demo writes them
+    assert RolloutDumpConfig().dump_every == 0  # off unless asked
+    with pytest.raises(ConfigError, match="rollouts.dump_every=-1"):
+        load_config(GRPORunConfig, "configs/grpo_demo.yaml", ["rollouts.dump_every=-1"])
