@@ -83,6 +83,9 @@ def render(panels: list[Panel], results: dict[str, list[dict]], out: Path, title
             ax.legend(fontsize=6, loc="best")
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+    span = max((float(v[0]) - start for r in results.values() for series in r for v in series["values"]), default=1)
+    for ax in axes.flat:  # one time axis for all, as in Grafana
+        ax.set_xlim(0, span)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     for ax in axes[-1]:

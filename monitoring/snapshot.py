@@ -7,6 +7,9 @@ local Prometheus scraping it (Ray's service discovery), a short GRPO demo job su
 
     python -m monitoring.snapshot [--out docs/images] [--keep-run runs/snapshot] [a.b=c overrides for the job ...]
 
+The job: monitoring.stack.SHORT_GRPO (the demo config, 2 prompts x 4 samples a step, one_step, every step's samples
+dumped) with steps=12.
+
 Needs Debian's prometheus and chromium (apt-get install -y prometheus chromium). Everything listens on 127.0.0.1
 ports picked free, and stops at the end.
 """
@@ -21,6 +24,9 @@ from pathlib import Path
 from monitoring import panels
 from monitoring.chromium import Browser
 from monitoring.stack import SHORT_GRPO, LocalRay, Prometheus, StackError
+
+
+PICTURE = ["steps=12"]  # the tests' short job, a little longer: the curves have a few points
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         with LocalRay(work) as head, Prometheus(head.discovery_file) as prom, Browser(1280, 800) as browser:
             print(f"[snapshot] Ray dashboard {head.dashboard_url}, Prometheus {prom.url}", flush=True)
             prom.wait_for_series(f'up{{instance=~".*:{head.metrics_port}"}} == 1', timeout_s=120)
-            job = head.run_grpo(work / "run", [*SHORT_GRPO, *args.overrides], timeout_s=args.timeout)
+            job = head.run_grpo(work / "run", [*SHORT_GRPO, *PICTURE, *args.overrides], timeout_s=args.timeout)
             if job.status != "SUCCEEDED":
                 raise SystemExit(f"[snapshot] job {job.job_id} {job.status}:\n{job.logs[-3000:]}")
             print(f"[snapshot] job {job.job_id} {job.status} in {job.end - job.start:.0f} s", flush=True)

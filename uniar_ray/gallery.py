@@ -153,7 +153,7 @@ def _plain(v):
 
 _CSS = """
 body{font:14px system-ui,sans-serif;margin:16px;color:#222}
-nav{margin-bottom:8px} nav a,nav span{margin-right:16px} .off{color:#999}
+nav{margin-bottom:8px} nav>*{margin-right:16px} .off{color:#999}
 h1{font-size:18px;margin:8px 0} h2{font-size:15px;margin:16px 0 6px}
 .extreme{display:flex;gap:24px;align-items:flex-start;margin-bottom:10px;flex-wrap:wrap}
 .extreme .name{width:140px;font-weight:600} .strip{display:flex;gap:6px}
