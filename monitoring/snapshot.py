@@ -8,7 +8,7 @@ local Prometheus scraping it (Ray's service discovery), a short GRPO demo job su
     python -m monitoring.snapshot [--out docs/images] [--keep-run runs/snapshot] [a.b=c overrides for the job ...]
 
 The job: monitoring.stack.SHORT_GRPO (the demo config, 2 prompts x 4 samples a step, one_step, every step's samples
-dumped) with steps=12.
+dumped) with steps=30, samples dumped every 10 steps.
 
 Needs Debian's prometheus and chromium (apt-get install -y prometheus chromium). Everything listens on 127.0.0.1
 ports picked free, and stops at the end.
@@ -26,7 +26,7 @@ from monitoring.chromium import Browser
 from monitoring.stack import SHORT_GRPO, LocalRay, Prometheus, StackError
 
 
-PICTURE = ["steps=12"]  # the tests' short job, a little longer: the curves have a few points
+PICTURE = ["steps=30", "rollouts.dump_every=10"]  # the tests' short job, longer: curves with some points
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 def _panels(prom, job, path: Path) -> Path:
-    start, end = job.start, job.end
+    """The panels from 30 s before the first step's figures (the start-up before them is minutes of flat lines)."""
+    first = [float(v[0]) for s in prom.query_range("ray_uniar_grpo_step", job.start, job.end) for v in s["values"]]
+    start, end = max(job.start, min(first, default=job.start) - 30), job.end
     step = max(1.0, (end - start) / 300)
     dash = panels.load_panels()
     results = panels.evaluate(prom, dash, start, end, step)
