@@ -45,3 +45,15 @@ def test_render_draws_every_panel(tmp_path):
 def test_bad_range_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--last '30 minutes'"):
         panels.main(["--last", "30 minutes", "-o", str(tmp_path / "x.png")])
+
+
+def test_a_missing_binary_skips_with_the_reason_outside_ci_and_fails_under_ci(monkeypatch):
+    from tests.monitoring.conftest import require
+
+    for k in ("CI", "UNIAR_REQUIRE_CLUSTER"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"no-such-tool is not installed \(apt-get install -y pkg"):
+        require("no-such-tool", "pkg")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="under CI: no-such-tool is not installed"):
+        require("no-such-tool", "pkg")
