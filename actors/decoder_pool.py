@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import ray
 import torch
 
-from actors.group import ActorGroup
+from actors.group import ActorGroup, counter_at_zero
 from uniar_ray.config import DecoderConfig
 from uniar_ray.decoder.pipeline import load_decoder
 from uniar_ray.decoder.types import DecodeRequest, DecodeResult
@@ -97,8 +97,9 @@ class DecoderPool:
         from ray.util.metrics import Counter, Gauge
 
         self._queue_depth = Gauge("uniar_decoder_queue_depth", description="requests sent to decoder actors, not back")
-        self._failures = Counter("uniar_decoder_failures", description="samples that got no image")
-        self._retries = Counter("uniar_decoder_retries", description="decoder calls resubmitted (lost or timed out)")
+        self._failures = counter_at_zero(Counter("uniar_decoder_failures", description="samples that got no image"))
+        self._retries = counter_at_zero(Counter("uniar_decoder_retries",
+                                                description="decoder calls resubmitted (lost or timed out)"))
         self._pool_rate = Gauge("uniar_decoder_pool_images_per_s", description="images per second, last batch")
 
     @property

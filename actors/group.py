@@ -43,3 +43,11 @@ def split_even(items: list, parts: int) -> list[list]:
         shards.append(items[start:end])
         start = end
     return shards
+
+
+def counter_at_zero(counter, tags: dict[str, str] | None = None):
+    """Export a ``ray.util.metrics.Counter`` at 0 before its first event, as Prometheus advises: ``rate()`` and
+    ``increase()`` over it then have a series, and a failures panel shows 0 instead of "no data" (``Counter.inc``
+    refuses 0; recording 0 adds nothing)."""
+    counter._record(0.0, tags=tags)
+    return counter

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 
-from actors.group import ActorGroup, split_even
+from actors.group import ActorGroup, counter_at_zero, split_even
 from rewards.base import ImageLimits, RewardOutput, RewardScores, encode_png, scatter, score_checked
 from rewards.router import RoutedScores, build_reward, combine, reward_tasks, route
 from uniar_ray.config import RewardConfig, RewardSpec
@@ -101,7 +101,7 @@ class RewardGroup:
         self.pools = {name: self._start(name, spec).actors for name, spec in cfg.models.items()}
         self.failures = {name: 0 for name in cfg.models}  # failed samples since start, per reward
         self._turn = 0
-        self._metrics = _Metrics()
+        self._metrics = _Metrics(list(cfg.models))
 
     def _start(self, name: str, spec: RewardSpec) -> ActorGroup:
         options = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "max_restarts": self.cfg.max_restarts,
@@ -217,12 +217,14 @@ class RewardGroup:
 class _Metrics:
     """Per-reward figures exported to the Ray dashboard (Prometheus): mean score, failed samples, call time."""
 
-    def __init__(self):
+    def __init__(self, names: list[str]):
         from ray.util.metrics import Counter, Gauge
 
         self.mean = Gauge("uniar_reward_mean", "mean reward over the last batch's scored samples", tag_keys=("reward",))
         self.time = Gauge("uniar_reward_call_seconds", "wall time of the last batch", tag_keys=("reward",))
         self.failed = Counter("uniar_reward_failed_samples", "samples a reward failed on", tag_keys=("reward",))
+        for name in names:
+            counter_at_zero(self.failed, tags={"reward": name})
 
     def record(self, out: RewardOutput) -> None:
         tags = {"reward": out.name}

@@ -5,7 +5,8 @@
     ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_uniar_rl.yaml cluster.address=auto
 The default config is the embedded demo: local Ray, tiny policy, a tiny decoder whose colours follow the bits, a
 redness reward, CPU.
-Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, checkpoints/step-N/{model,trainer}).
+Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, rollouts/step-N/index.html with
+rollouts.dump_every, checkpoints/step-N/{model,trainer}).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from jobs import start_ray
 from jobs.grpo_parts import SECONDARY_EXCLUSION, Parts, timed
 from jobs.grpo_run import last_checkpoint_note, open_run, record_placement, resume, save_checkpoint
 from uniar_ray import checkpoint as ckpt
-from uniar_ray import grpo
+from uniar_ray import gallery, grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
 from uniar_ray.data import resolve_data_path
 from uniar_ray.runlog import RunDir
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None):
             parts.export(metrics)
             print(format_line(metrics), flush=True)
             if step == 0 or (step + 1) % cfg.grid_every == 0 or step + 1 == cfg.steps:  # first, every k, last
-                parts.save_grid(run, step)
+                tracker.log_grid(step, parts.save_grid(run, step))
+            if gallery.due(step, cfg.rollouts.dump_every, cfg.steps):  # every sample: PNG, record, gallery page
+                tracker.log_samples(step, gallery.dump(run.path / "rollouts", step, parts.last_batch,
+                                                       parts.last_images), parts.last_images)
             trained += not metrics["skipped_update"]
             if not metrics["skipped_update"] and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
                 save_checkpoint(run, parts, step + 1)  # a step that changed nothing is not worth a checkpoint

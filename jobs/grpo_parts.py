@@ -203,17 +203,20 @@ class Parts:
     def export(self, m: dict) -> None:
         self.metrics.export(m)
 
-    def save_grid(self, run: RunDir, step: int) -> None:
+    def save_grid(self, run: RunDir, step: int):
+        """The last step's first 16 images, captioned; returns the PNG's path (None when nothing was decoded)."""
         from uniar_ray.visualize import captioned_grid
 
         if self.last_batch is None:
-            return
+            return None
         from PIL import Image
 
         shown = [(im, r) for im, r in zip(self.last_images, self.last_batch.rollouts) if im is not None][:16]
-        if shown:
-            grid = captioned_grid([Image.fromarray(im) for im, _ in shown], [f"{r.reward:.3f} {r.prompt}" for _, r in shown])
-            grid.save(run.path / "grids" / f"step-{step:06d}.png")
+        if not shown:
+            return None
+        grid = captioned_grid([Image.fromarray(im) for im, _ in shown], [f"{r.reward:.3f} {r.prompt}" for _, r in shown])
+        grid.save(path := run.path / "grids" / f"step-{step:06d}.png")
+        return path
 
     def close(self, join_timeout_s: float = 30.0) -> None:
         """Kill every actor first, so that a background step waiting on one fails at once instead of waiting

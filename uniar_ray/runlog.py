@@ -64,7 +64,7 @@ class RunDir:
 
     def truncate_metrics(self, upto_step: int) -> int:
         """On resume, drop the lines of steps at or after the checkpoint's step (they will be run again), any
-        duplicate, and the grids of those steps; returns how many metric lines were dropped."""
+        duplicate, and the grids and sample dumps of those steps; returns how many metric lines were dropped."""
         if not self.metrics_path.exists():
             return 0
         lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
@@ -75,6 +75,9 @@ class RunDir:
         for grid in (self.path / "grids").glob("step-*.png"):
             if int(grid.stem[len("step-"):]) >= upto_step:
                 grid.unlink()
+        from uniar_ray import gallery
+
+        gallery.truncate(self.path / "rollouts", upto_step)  # and the sample dumps of those steps
         return len(lines) - len(keep)
 
     def plot_rewards(self) -> Path | None:

@@ -1,7 +1,10 @@
 """Experiment tracking for the GRPO job: TensorBoard event files and Weights & Biases (offline works without a
-network), both optional; every sink gets the keys of metrics.jsonl at their step.
+network), both optional; every sink gets the keys of metrics.jsonl at their step, and the rollout grids as images;
+W&B also gets each dumped step's samples as a table (``completions``: TRL's ``log_completions`` layout, one row per
+sample with its image, each reward, the total and the advantage).
 
-    tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step); tracker.log(metrics); tracker.close()
+    tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step); tracker.log(metrics)
+    tracker.log_grid(step, grid_png); tracker.log_samples(step, gallery_records, images); tracker.close()
 """
 from __future__ import annotations
 
@@ -35,6 +38,39 @@ class Tracker:
             self.tb.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({"step": step, **values}, step=step)
+
+    def log_grid(self, step: int, path: Path | None) -> None:
+        """The step's captioned grid (grids/step-N.png) as an image: TensorBoard ``grids``, W&B ``grids``."""
+        if path is None or (self.tb is None and self.wandb_run is None):
+            return
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        if self.tb is not None:
+            self.tb.add_image("grids", pixels, global_step=step, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({"grids": wandb.Image(pixels, caption=f"step {step}")}, step=step)
+
+    def log_samples(self, step: int, records: list[dict[str, Any]], images: list) -> None:
+        """A dumped step's samples (uniar_ray.gallery records, in order, with their images) as W&B's ``completions``
+        table: step, prompt, task, image, each reward, total, advantage, excluded (TRL's log_completions columns,
+        the image standing in for the completion text)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        names = sorted({n for r in records for n in r["rewards"]})
+        columns = ["step", "prompt", "task", "image", *names, "reward", "advantage", "excluded"]
+        table = wandb.Table(columns=columns)
+        for r, im in zip(records, images):
+            table.add_data(str(step), r["prompt"], r["task"] or "", None if im is None else wandb.Image(im),
+                           *[r["rewards"].get(n) for n in names], r["reward"], r["advantage"],
+                           r["excluded_reason"] or "")
+        self.wandb_run.log({"completions": table}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:

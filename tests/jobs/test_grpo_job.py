@@ -11,6 +11,7 @@ import ray
 import torch
 
 from jobs import grpo as job
+from uniar_ray import gallery
 
 FAST = ["steps=3", "save_every=1", "grid_every=1", "data.prompts_per_step=2", "grpo.num_generations=4",
         "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2"]
@@ -47,6 +48,9 @@ def test_resume_gives_the_same_next_step(ray_local, tmp_path):
     sa, sb = _model_state(full, 3), _model_state(part, 3)
     assert max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa) < 1e-5
     assert (full / "reward_curve.png").stat().st_size > 0 and list((full / "grids").glob("*.png"))
+    # the demo's rollouts.dump_every: the first and the last step of each run; the resumed run links on from step 1
+    assert gallery.dumped_steps(full / "rollouts") == [0, 2] and gallery.dumped_steps(part / "rollouts") == [0, 1, 2]
+    assert 'href="../step-000002/index.html"' in (part / "rollouts" / "step-000001" / "index.html").read_text()
     first = a[0]
     # on-policy first step: the loss value is -mean(A) = 0 up to the IS weights (1 +- 1e-6)
     assert abs(first["train/loss"]) < 1e-4 and "train/clip_ratio/region_mean" in first

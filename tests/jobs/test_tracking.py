@@ -67,3 +67,39 @@ def test_wandb_mode_is_checked():
 
     with pytest.raises(ConfigError, match="tracking.wandb_mode='cloud'"):
         TrackingConfig(wandb_mode="cloud")
+
+
+def test_grids_and_samples_go_to_both_trackers(tmp_path, monkeypatch):
+    """TensorBoard gets the grid PNGs as images at their step; W&B the grid and a ``completions`` table of a dumped
+    step's samples (TRL's log_completions layout: one row per sample, each reward, total, advantage)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    grid = tmp_path / "grid.png"
+    Image.fromarray(np.full((40, 60, 3), (200, 10, 10), np.uint8)).save(grid)
+    t = Tracker(TrackingConfig(tensorboard=True, wandb=True, wandb_mode="offline"), tmp_path, {}, start_step=0)
+    t.log({"step": 3, "reward_mean": 0.5})
+    t.log_grid(3, grid)
+    t.log_grid(4, None)  # nothing decoded at that step: nothing logged
+    records = [{"prompt": "a red cube", "task": "geneval", "rewards": {"target_color": 0.25 + i, "ocr": None},
+                "reward": 0.25 + i, "advantage": 1.0 - 2 * i, "excluded_reason": None} for i in range(2)]
+    t.log_samples(3, records, [np.zeros((8, 8, 3), np.uint8), None])
+    t.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images("grids")
+    assert [(e.step, e.width, e.height) for e in images] == [(3, 60, 40)]
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    run_dir = next((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    wandb_log(run_dir / f"run-{run_id}.wandb", b"completions")
+    tables = list(run_dir.glob("files/media/table/completions_3_*.table.json"))
+    assert len(tables) == 1, list(run_dir.rglob("*"))
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["step", "prompt", "task", "image", "ocr", "target_color", "reward", "advantage",
+                                "excluded"]
+    assert [row[5] for row in table["data"]] == [0.25, 1.25] and [row[7] for row in table["data"]] == [1.0, -1.0]
+    assert list(run_dir.glob("files/media/images/grids_3_*.png"))

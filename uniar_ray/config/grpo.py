@@ -130,6 +130,19 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class RolloutDumpConfig:
+    """Every sample inspectable (uniar_ray/gallery.py): at the first step, every ``dump_every`` steps and the last,
+    each sample's PNG and JSON record and a gallery page under ``<run_dir>/rollouts/step-N/``; W&B also gets the
+    samples as a table. 0 = off. A dump holds every image of the step (512 at the reference's batch): mind the disk."""
+
+    dump_every: int = 0
+
+    def __post_init__(self):
+        if self.dump_every < 0:
+            raise ConfigError(f"rollouts.dump_every={self.dump_every}: must be >= 0 (0 = off)")
+
+
+@dataclasses.dataclass
 class GRPORunConfig:
     """Everything one GRPO run needs; ``configs/grpo_demo.yaml`` is the embedded CPU demo."""
 
@@ -142,6 +155,7 @@ class GRPORunConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    rollouts: RolloutDumpConfig = dataclasses.field(default_factory=RolloutDumpConfig)
     ar_height: int = 512  # the reference's IMAGE_HEIGHT / IMAGE_WIDTH in RL (N = 256)
     ar_width: int = 512
     decode_upsampling_ratio: float = 1.0  # RL decodes at the AR size (the reference's decode server)
