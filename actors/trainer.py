@@ -3,6 +3,7 @@
     group = TrainerGroup(model_cfg, grpo_cfg, trainer_cfg, total_steps)   # world_size actors, one placement group
     metrics = group.train_step(samples)            # Rollout list, split evenly across ranks
     weights = group.publish_weights(step + 1)      # Weights(version, ref): rank 0's object, the driver holds a ref
+    results = group.generate(requests, version)    # rollout.placement=colocated: each rank samples its share
 Each actor holds the policy (vision tower and lm_head frozen, as in the reference) and, when beta != 0, a frozen
 reference policy (``grpo.ref_model_path``, default the policy's own path) colocated with it for the k3 KL term.
 A train step is one generation batch: ``grpo.num_iterations`` optimizer steps over the same samples, the loss
@@ -21,11 +22,13 @@ import torch
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.group import split_even
 from actors.rollout_engine import Weights
 from uniar_ray import grpo, train_step
-from uniar_ray.config import GRPOConfig, ModelConfig, TrainerConfig
+from uniar_ray.config import GRPOConfig, ModelConfig, RolloutConfig, TrainerConfig
 from uniar_ray.model.factory import load_policy
-from uniar_ray.rollout.types import Rollout
+from uniar_ray.rollout.colocated import ColocatedEngine
+from uniar_ray.rollout.types import GenerationRequest, Rollout, RolloutError
 from uniar_ray.train_step import batch_counts
 
 FROZEN_PREFIXES = ("model.visual.", "lm_head.")  # the reference trains everything but the vision tower
@@ -39,7 +42,7 @@ def trainable(name: str) -> bool:
 @ray.remote(max_restarts=0)
 class TrainerActor:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model: ModelConfig,
-                 grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int):
+                 grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int, rollout: RolloutConfig | None = None):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
         if trainer.num_threads:
@@ -49,6 +52,7 @@ class TrainerActor:
         on_gpu = model.device.startswith("cuda")
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.model_cfg, self.grpo, self.trainer, self.total_steps, self.rank = model, grpo_cfg, trainer, total_steps, rank
+        self.rollout_cfg, self._sampler = rollout or RolloutConfig(), None  # colocated roll-out (``generate``)
         torch.manual_seed(grpo_cfg.seed + rank)
         policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed,
                              attn_impl=model.attn_impl).train()
@@ -156,6 +160,22 @@ class TrainerActor:
 
     # ------------------------------------------------------------------------------------------------------------
 
+    def generate(self, requests: list[GenerationRequest], version: int) -> list[Rollout | RolloutError]:
+        """Colocated roll-out: ``requests`` sampled with the torch engine over this rank's live parameters (ZeRO-2:
+        every rank holds them whole), each Rollout stamped with ``version`` (the driver's count of the weights this
+        rank holds: calls run in submission order, so a roll-out submitted before a train step samples before it)."""
+        if self.trainer.zero_stage == 3:  # refused at config load too (GRPORunConfig); this is for direct callers
+            raise RuntimeError("colocated roll-out needs whole parameters on every rank: trainer.zero_stage <= 2")
+        if self._sampler is None:
+            r = self.rollout_cfg
+            self._sampler = ColocatedEngine(self.engine.module, max_batch=r.max_batch, cuda_graph=r.cuda_graph,
+                                            compile=r.compile)
+        out = self._sampler.generate(requests)
+        for res in out:
+            if isinstance(res, Rollout):
+                res.weight_version = version
+        return out
+
     def publish_weights(self, version: int) -> Weights | None:
         """Put the full trainable parameters (the only ones that change) into the object store from rank 0 and
         return a reference to them: the engines fetch them from here, never through the driver. Under ZeRO-3 each
@@ -223,7 +243,8 @@ class TrainerActor:
 class TrainerGroup:
     """``world_size`` trainer actors in one placement group; the driver's view of data-parallel training."""
 
-    def __init__(self, model: ModelConfig, grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int):
+    def __init__(self, model: ModelConfig, grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int,
+                 rollout: RolloutConfig | None = None):
         t = trainer
         self.timeout_s = t.timeout_s
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
@@ -244,9 +265,18 @@ class TrainerGroup:
         self.actors = [
             TrainerActor.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
-            .remote(r, t.world_size, addr, port, model, grpo_cfg, trainer, total_steps)
+            .remote(r, t.world_size, addr, port, model, grpo_cfg, trainer, total_steps, rollout)
             for r in range(t.world_size)
         ]
+
+    def submit_generate(self, requests: list[GenerationRequest], version: int) -> list[ray.ObjectRef]:
+        """Colocated roll-out: ``requests`` split evenly over the ranks in order (``split_even``), one reference per
+        non-empty share; concatenated, their results are in request order."""
+        shards = split_even(requests, len(self.actors))
+        return [a.generate.remote(s, version) for a, s in zip(self.actors, shards) if s]
+
+    def generate(self, requests: list[GenerationRequest], version: int) -> list[Rollout | RolloutError]:
+        return [x for part in ray.get(self.submit_generate(requests, version), timeout=self.timeout_s) for x in part]
 
     def train_step(self, samples: list[Rollout]) -> dict[str, float]:
         n = len(self.actors)
