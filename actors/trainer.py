@@ -11,7 +11,7 @@ normalised over the whole batch (all micro-batches, all ranks; ``grpo.BatchCount
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import socket
 import time
@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.group import split_even
 from actors.rollout_engine import Weights
-from uniar_ray import grpo, train_step
+from uniar_ray import grpo, train_step, weight_broadcast
 from uniar_ray.config import GRPOConfig, ModelConfig, RolloutConfig, TrainerConfig
 from uniar_ray.model.factory import load_policy
 from uniar_ray.rollout.colocated import ColocatedEngine
@@ -183,6 +183,45 @@ class TrainerActor:
         state = self._full_state(keep=self.rank == 0)
         return Weights(version, ray.put(state)) if self.rank == 0 else None
 
+    # weight_sync=collective (actors/weight_sync.py drives these) -------------------------------------------------
+    def weight_meta(self) -> list[weight_broadcast.TensorMeta]:
+        """Names, full shapes and dtypes of the trainable parameters, in broadcast order."""
+        return weight_broadcast.metas(self._trainable_named())
+
+    def open_weight_group(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: host a new weight group's store on this node; returns its address for the engines."""
+        self._weight_store = weight_broadcast.host_store(world_size, timeout_s)
+        return ray.util.get_node_ip_address(), self._weight_store.port
+
+    def join_weight_group(self, name: str, world_size: int, backend: str, timeout_s: float) -> None:
+        """Rank 0: join the group as its sender (blocks until every engine has joined); leaves the previous one."""
+        old = getattr(self, "_weight_group", None)
+        if old is not None:
+            old.close()
+        self._weight_group = weight_broadcast.WeightGroup.join("", 0, 0, world_size, backend, name, timeout_s,
+                                                               store=self._weight_store)
+
+    def broadcast_weights(self, bucket_numel: int = weight_broadcast.DEFAULT_BUCKET_NUMEL) -> None:
+        """Rank 0 broadcasts the trainable parameters bucket by bucket, straight from its tensors (on GPU: GPU to
+        GPU, no host copy). Under ZeRO-3 every rank must be called: each bucket is gathered first, as in
+        ``_full_state``, so a rank never holds more than one bucket beyond its shard."""
+        named = self._trainable_named()
+        for bucket in weight_broadcast.buckets(weight_broadcast.metas(named), bucket_numel):
+            params = [named[i][1] for i in bucket]
+            with self._gathered(params):
+                if self.rank == 0:
+                    self._weight_group.send(params)
+
+    def _trainable_named(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+
+    def _gathered(self, params: list[torch.Tensor]):
+        if self.trainer.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Full trainable parameters on CPU, on every rank (under ZeRO-3 every rank must be called)."""
         return self._full_state(keep=True)
@@ -232,12 +271,7 @@ class TrainerActor:
 
     def param_digest(self) -> str:
         """sha256 of this rank's trainable parameters: data-parallel ranks must agree bit for bit."""
-        h = hashlib.sha256()
-        for n, p in self.engine.module.named_parameters():
-            if p.requires_grad:
-                h.update(n.encode())
-                h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return weight_broadcast.digest((n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad)
 
 
 class TrainerGroup:
@@ -246,7 +280,7 @@ class TrainerGroup:
     def __init__(self, model: ModelConfig, grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int,
                  rollout: RolloutConfig | None = None):
         t = trainer
-        self.timeout_s = t.timeout_s
+        self.timeout_s, self.zero_stage = t.timeout_s, t.zero_stage
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self.pg = placement_group([bundle] * t.world_size, strategy=t.placement_strategy)
         try:  # resources that never free up (or never exist) must not look like a hang
@@ -291,6 +325,11 @@ class TrainerGroup:
     def publish_weights(self, version: int) -> Weights:
         """Rank 0's ``Weights`` (a reference; the tensors stay in the object store of rank 0's node)."""
         return ray.get([a.publish_weights.remote(version) for a in self.actors], timeout=self.timeout_s)[0]
+
+    def submit_broadcast(self, bucket_numel: int) -> list[ray.ObjectRef]:
+        """weight_sync=collective: rank 0 sends (ZeRO-3: every rank takes part in the gathers)."""
+        senders = self.actors if self.zero_stage == 3 else self.actors[:1]
+        return [a.broadcast_weights.remote(bucket_numel) for a in senders]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The full trainable state in this process (tests and tools; the job passes references instead)."""
