@@ -121,6 +121,9 @@ class RolloutEngineActor:
         self.version = version
         return version
 
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
     def param_digest(self) -> str | None:
         """sha256 of the trainable parameters, as ``TrainerActor.param_digest`` computes it (torch engine only)."""
         from actors.trainer import trainable  # here: actors.trainer imports this module
