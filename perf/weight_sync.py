@@ -24,7 +24,7 @@ import ray
 import ray.experimental
 
 OVERRIDES = ["data.prompts_per_step=2", "grpo.num_generations=4", "trainer.micro_batch_size=4",
-             "decoder.max_batch=8", "grpo.decode_num_inference_steps=2", "rewards.models.ocr.weight=0.0"]
+             "decoder.max_batch=8", "grpo.decode_num_inference_steps=2"]
 
 
 def write_100m_checkpoint(folder: str) -> str:
@@ -114,7 +114,10 @@ def main(argv=None):
     ap.add_argument("--engines", type=int, default=1, help="rollout engines (each receives every sync)")
     ap.add_argument("--extra", nargs="*", default=[], help="config overrides, e.g. grpo.beta=0.0 to save memory")
     a = ap.parse_args(argv)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from jobs import _token_for_local_ray
+
+    _token_for_local_ray()  # a token of its own in the environment: Ray would otherwise write ~/.ray/auth_token
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
