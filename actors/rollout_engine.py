@@ -62,8 +62,8 @@ class RolloutEngineActor:
         """Roll out ``requests`` with policy ``weights`` (loaded first if this engine holds another version)."""
         if weights is not None and weights.version != self.version:
             if weights.ref is None:
-                raise StaleWeightsError(f"rollout engine holds weights version {self.version} and was asked for version "
-                                   f"{weights.version} without a reference to them")
+                raise StaleWeightsError(f"rollout engine holds weights version {self.version} and was asked for "
+                                        f"version {weights.version} without a reference to them")
             logger.warning("rollout engine at weights version %d: loading version %d before sampling",
                            self.version, weights.version)
             self.update_weights(ray.get(weights.ref), weights.version)

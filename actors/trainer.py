@@ -4,6 +4,7 @@
     metrics = group.train_step(samples)            # Rollout list, split evenly across ranks
     weights = group.publish_weights(step + 1)      # Weights(version, ref): rank 0's object, the driver holds a ref
     results = group.generate(requests, version)    # rollout.placement=colocated: each rank samples its share
+    group.submit_broadcast(bucket_numel)           # rollout.weight_sync=collective (actors/weight_sync.py drives it)
 Each actor holds the policy (vision tower and lm_head frozen, as in the reference) and, when beta != 0, a frozen
 reference policy (``grpo.ref_model_path``, default the policy's own path) colocated with it for the k3 KL term.
 A train step is one generation batch: ``grpo.num_iterations`` optimizer steps over the same samples, the loss
@@ -310,6 +311,7 @@ class TrainerGroup:
         return [a.generate.remote(s, version) for a, s in zip(self.actors, shards) if s]
 
     def generate(self, requests: list[GenerationRequest], version: int) -> list[Rollout | RolloutError]:
+        """``submit_generate`` and wait: one result per request, in order."""
         return [x for part in ray.get(self.submit_generate(requests, version), timeout=self.timeout_s) for x in part]
 
     def train_step(self, samples: list[Rollout]) -> dict[str, float]:

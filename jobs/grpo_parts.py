@@ -232,7 +232,8 @@ class Parts:
     def close(self, join_timeout_s: float = 30.0) -> None:
         """Kill every actor first, so that a background step waiting on one fails at once instead of waiting
         (or spinning on a pool that is gone), then join that step, then release the pools."""
-        actors = [*(self.rollout_group.actors if self.rollout_group else []), *self.decoder.actors, *self.trainer.actors,
+        engines = self.rollout_group.actors if self.rollout_group else []  # none when colocated
+        actors = [*engines, *self.decoder.actors, *self.trainer.actors,
                   *(a for pool in self.rewards.pools.values() for a in pool)]
         for a in actors:
             ray.kill(a, no_restart=True)

@@ -48,7 +48,8 @@ class TensorMeta:
 
 def metas(named: Iterable[tuple[str, torch.Tensor]]) -> list[TensorMeta]:
     """The metadata of ``named`` tensors, in order; a ZeRO-3 partitioned parameter reports its full ``ds_shape``."""
-    return [TensorMeta(n, tuple(getattr(t, "ds_shape", t.shape)), str(t.dtype).removeprefix("torch.")) for n, t in named]
+    return [TensorMeta(n, tuple(getattr(t, "ds_shape", t.shape)), str(t.dtype).removeprefix("torch."))
+            for n, t in named]
 
 
 def buckets(tensors: list[TensorMeta], max_numel: int = DEFAULT_BUCKET_NUMEL) -> list[list[int]]:

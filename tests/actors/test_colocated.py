@@ -39,7 +39,8 @@ def test_two_ranks_sample_like_a_separate_engine_before_and_after_an_update(ray_
     # max_batch 3: each rank's share is one batch, as on the separate engine (a batch's padding moves the last bits)
     rollout = RolloutConfig(placement="colocated", max_batch=3)
     trainer = TrainerGroup(ModelConfig(), GRPOConfig(num_generations=2, learning_rate=0.05, beta=0.01),
-                           TrainerConfig(world_size=2, num_cpus=0.5, micro_batch_size=3), total_steps=2, rollout=rollout)
+                           TrainerConfig(world_size=2, num_cpus=0.5, micro_batch_size=3), total_steps=2,
+                           rollout=rollout)
     engine = RolloutEngineActor.options(num_cpus=0.25).remote(ModelConfig(), RolloutConfig(max_batch=3))
     try:
         first = trainer.generate(_reqs(), 0)

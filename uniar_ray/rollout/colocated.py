@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from uniar_ray.model import UniARPolicy
-from uniar_ray.model.layers import MLP, Attention, DecoderLayer, FusedLinear, OneDNNWeight, PackedLinear, compile_decoder_layers
+from uniar_ray.model.layers import (MLP, Attention, DecoderLayer, FusedLinear, OneDNNWeight, PackedLinear,
+                                    compile_decoder_layers)
 
 from .torch_engine import TorchRolloutEngine
 from .types import GenerationRequest, Rollout, RolloutError
