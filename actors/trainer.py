@@ -3,6 +3,8 @@
     group = TrainerGroup(model_cfg, grpo_cfg, trainer_cfg, total_steps)   # world_size actors, one placement group
     metrics = group.train_step(samples)            # Rollout list, split evenly across ranks
     weights = group.publish_weights(step + 1)      # Weights(version, ref): rank 0's object, the driver holds a ref
+    results = group.generate(requests, version)    # rollout.placement=colocated: each rank samples its share
+    group.submit_broadcast(bucket_numel)           # rollout.weight_sync=collective (actors/weight_sync.py drives it)
 Each actor holds the policy (vision tower and lm_head frozen, as in the reference) and, when beta != 0, a frozen
 reference policy (``grpo.ref_model_path``, default the policy's own path) colocated with it for the k3 KL term.
 A train step is one generation batch: ``grpo.num_iterations`` optimizer steps over the same samples, the loss
@@ -10,7 +12,7 @@ normalised over the whole batch (all micro-batches, all ranks; ``grpo.BatchCount
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import socket
 import time
@@ -21,11 +23,13 @@ import torch
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.group import split_even
 from actors.rollout_engine import Weights
-from uniar_ray import grpo, train_step
-from uniar_ray.config import GRPOConfig, ModelConfig, TrainerConfig
+from uniar_ray import grpo, train_step, weight_broadcast
+from uniar_ray.config import GRPOConfig, ModelConfig, RolloutConfig, TrainerConfig
 from uniar_ray.model.factory import load_policy
-from uniar_ray.rollout.types import Rollout
+from uniar_ray.rollout.colocated import ColocatedEngine
+from uniar_ray.rollout.types import GenerationRequest, Rollout, RolloutError
 from uniar_ray.train_step import batch_counts
 
 FROZEN_PREFIXES = ("model.visual.", "lm_head.")  # the reference trains everything but the vision tower
@@ -39,7 +43,7 @@ def trainable(name: str) -> bool:
 @ray.remote(max_restarts=0)
 class TrainerActor:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model: ModelConfig,
-                 grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int):
+                 grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int, rollout: RolloutConfig | None = None):
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port))
         if trainer.num_threads:
@@ -49,6 +53,7 @@ class TrainerActor:
         on_gpu = model.device.startswith("cuda")
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.model_cfg, self.grpo, self.trainer, self.total_steps, self.rank = model, grpo_cfg, trainer, total_steps, rank
+        self.rollout_cfg, self._sampler = rollout or RolloutConfig(), None  # colocated roll-out (``generate``)
         torch.manual_seed(grpo_cfg.seed + rank)
         policy = load_policy(model.path, model.dtype, model.device, model.tiny_seed,
                              attn_impl=model.attn_impl).train()
@@ -156,12 +161,67 @@ class TrainerActor:
 
     # ------------------------------------------------------------------------------------------------------------
 
+    def generate(self, requests: list[GenerationRequest], version: int) -> list[Rollout | RolloutError]:
+        """Colocated roll-out: ``requests`` sampled with the torch engine over this rank's live parameters (ZeRO-2:
+        every rank holds them whole), each Rollout stamped with ``version`` (the driver's count of the weights this
+        rank holds: calls run in submission order, so a roll-out submitted before a train step samples before it)."""
+        if self.trainer.zero_stage == 3:  # refused at config load too (GRPORunConfig); this is for direct callers
+            raise RuntimeError("colocated roll-out needs whole parameters on every rank: trainer.zero_stage <= 2")
+        if self._sampler is None:
+            r = self.rollout_cfg
+            self._sampler = ColocatedEngine(self.engine.module, max_batch=r.max_batch, cuda_graph=r.cuda_graph,
+                                            compile=r.compile)
+        out = self._sampler.generate(requests)
+        for res in out:
+            if isinstance(res, Rollout):
+                res.weight_version = version
+        return out
+
     def publish_weights(self, version: int) -> Weights | None:
         """Put the full trainable parameters (the only ones that change) into the object store from rank 0 and
         return a reference to them: the engines fetch them from here, never through the driver. Under ZeRO-3 each
         rank holds a shard, so every rank must take part in the gather; only rank 0 returns something."""
         state = self._full_state(keep=self.rank == 0)
         return Weights(version, ray.put(state)) if self.rank == 0 else None
+
+    # weight_sync=collective (actors/weight_sync.py drives these) -------------------------------------------------
+    def weight_meta(self) -> list[weight_broadcast.TensorMeta]:
+        """Names, full shapes and dtypes of the trainable parameters, in broadcast order."""
+        return weight_broadcast.metas(self._trainable_named())
+
+    def open_weight_group(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: host a new weight group's store on this node; returns its address for the engines."""
+        self._weight_store = weight_broadcast.host_store(world_size, timeout_s)
+        return ray.util.get_node_ip_address(), self._weight_store.port
+
+    def join_weight_group(self, name: str, world_size: int, backend: str, timeout_s: float) -> None:
+        """Rank 0: join the group as its sender (blocks until every engine has joined); leaves the previous one."""
+        old = getattr(self, "_weight_group", None)
+        if old is not None:
+            old.close()
+        self._weight_group = weight_broadcast.WeightGroup.join("", 0, 0, world_size, backend, name, timeout_s,
+                                                               store=self._weight_store)
+
+    def broadcast_weights(self, bucket_numel: int = weight_broadcast.DEFAULT_BUCKET_NUMEL) -> None:
+        """Rank 0 broadcasts the trainable parameters bucket by bucket, straight from its tensors (on GPU: GPU to
+        GPU, no host copy). Under ZeRO-3 every rank must be called: each bucket is gathered first, as in
+        ``_full_state``, so a rank never holds more than one bucket beyond its shard."""
+        named = self._trainable_named()
+        for bucket in weight_broadcast.buckets(weight_broadcast.metas(named), bucket_numel):
+            params = [named[i][1] for i in bucket]
+            with self._gathered(params):
+                if self.rank == 0:
+                    self._weight_group.send(params)
+
+    def _trainable_named(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+
+    def _gathered(self, params: list[torch.Tensor]):
+        if self.trainer.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Full trainable parameters on CPU, on every rank (under ZeRO-3 every rank must be called)."""
@@ -212,20 +272,16 @@ class TrainerActor:
 
     def param_digest(self) -> str:
         """sha256 of this rank's trainable parameters: data-parallel ranks must agree bit for bit."""
-        h = hashlib.sha256()
-        for n, p in self.engine.module.named_parameters():
-            if p.requires_grad:
-                h.update(n.encode())
-                h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return weight_broadcast.digest((n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad)
 
 
 class TrainerGroup:
     """``world_size`` trainer actors in one placement group; the driver's view of data-parallel training."""
 
-    def __init__(self, model: ModelConfig, grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int):
+    def __init__(self, model: ModelConfig, grpo_cfg: GRPOConfig, trainer: TrainerConfig, total_steps: int,
+                 rollout: RolloutConfig | None = None):
         t = trainer
-        self.timeout_s = t.timeout_s
+        self.timeout_s, self.zero_stage = t.timeout_s, t.zero_stage
         bundle = {"CPU": t.num_cpus, **({"GPU": t.num_gpus} if t.num_gpus else {})}
         self.pg = placement_group([bundle] * t.world_size, strategy=t.placement_strategy)
         try:  # resources that never free up (or never exist) must not look like a hang
@@ -244,9 +300,19 @@ class TrainerGroup:
         self.actors = [
             TrainerActor.options(num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r))
-            .remote(r, t.world_size, addr, port, model, grpo_cfg, trainer, total_steps)
+            .remote(r, t.world_size, addr, port, model, grpo_cfg, trainer, total_steps, rollout)
             for r in range(t.world_size)
         ]
+
+    def submit_generate(self, requests: list[GenerationRequest], version: int) -> list[ray.ObjectRef]:
+        """Colocated roll-out: ``requests`` split evenly over the ranks in order (``split_even``), one reference per
+        non-empty share; concatenated, their results are in request order."""
+        shards = split_even(requests, len(self.actors))
+        return [a.generate.remote(s, version) for a, s in zip(self.actors, shards) if s]
+
+    def generate(self, requests: list[GenerationRequest], version: int) -> list[Rollout | RolloutError]:
+        """``submit_generate`` and wait: one result per request, in order."""
+        return [x for part in ray.get(self.submit_generate(requests, version), timeout=self.timeout_s) for x in part]
 
     def train_step(self, samples: list[Rollout]) -> dict[str, float]:
         n = len(self.actors)
@@ -261,6 +327,11 @@ class TrainerGroup:
     def publish_weights(self, version: int) -> Weights:
         """Rank 0's ``Weights`` (a reference; the tensors stay in the object store of rank 0's node)."""
         return ray.get([a.publish_weights.remote(version) for a in self.actors], timeout=self.timeout_s)[0]
+
+    def submit_broadcast(self, bucket_numel: int) -> list[ray.ObjectRef]:
+        """weight_sync=collective: rank 0 sends (ZeRO-3: every rank takes part in the gathers)."""
+        senders = self.actors if self.zero_stage == 3 else self.actors[:1]
+        return [a.broadcast_weights.remote(bucket_numel) for a in senders]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The full trainable state in this process (tests and tools; the job passes references instead)."""

@@ -8,7 +8,6 @@ kept out of ``jobs/grpo.py`` so that its step reads as a list.
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
 from concurrent.futures import CancelledError, Future
@@ -40,17 +39,23 @@ class Parts:
         from actors.decoder_pool import DecoderPool
         from actors.group import ActorGroup
         from actors.reward_models import RewardGroup
-        from actors.rollout_engine import RolloutEngineActor, Weights
+        from actors.rollout_engine import RolloutEngineActor
         from actors.trainer import TrainerGroup
+        from actors.weight_sync import WeightSync
         from uniar_ray.data import PromptSampler, load_dataset
 
         self.cfg = cfg
         r = cfg.rollout
-        self.rollout_group = ActorGroup(RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
-                                        cfg.model, r)
+        # colocated: the trainer ranks roll out over their own parameters; no engine actors, nothing to sync
+        self.colocated = r.placement == "colocated"
+        self.rollout_group = None if self.colocated else ActorGroup(
+            RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}, cfg.model, r)
         self.decoder = DecoderPool(cfg.decoder)
         self.rewards = RewardGroup(cfg.rewards)
-        self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps)
+        self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps, rollout=r)
+        # the weights the engines sample with (rollout.weight_sync; colocated: a version count)
+        self.weight_sync = WeightSync(self.trainer, self.rollout_group.actors if self.rollout_group else [], r,
+                                      cfg.model.device)
         d = cfg.data
         dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
         dataset.records = check_grpo_inputs(dataset.records, cfg)  # model files, prompt and AR size limits
@@ -59,11 +64,15 @@ class Parts:
         self.metrics = _Metrics()
         self.last_batch = self.last_images = None
         self.last_reasons: list[str] = []  # why the last step's samples were excluded (their own causes only)
-        self.weights = Weights(0)  # the policy the engines must sample with: model.path until the first sync
         self._pending = None  # the background stages 1-4 (one_step mode)
         self._data_before: dict[int, dict] = {}  # step -> sampler position before its prompts were drawn
         self._prefetched = None  # (step, object refs of its roll-out) while one_step has one in flight
         self.nodes_at_start = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+    @property
+    def weights(self):
+        """The policy version every roll-out samples with (``Weights``: model.path until the first sync)."""
+        return self.weight_sync.weights
 
     # 1-2 ----------------------------------------------------------------------------------------------------------
     def _requests(self, step: int):
@@ -82,7 +91,26 @@ class Parts:
     def generate(self, reqs: list[GenerationRequest]) -> list:
         """Roll out ``reqs`` with the current policy (``self.weights``): one Rollout or RolloutError each, in order.
         The one way the driver samples (training steps and validation alike)."""
-        return self.rollout_group.map("generate", reqs, self.weights, timeout_s=self.cfg.rollout.timeout_s)
+        from actors.rollout_engine import StaleWeightsError
+
+        timeout = self.cfg.rollout.timeout_s
+        try:
+            parts = ray.get(self._submit(reqs), timeout=timeout)
+        except StaleWeightsError:  # an engine restarted during the roll-out, after a collective broadcast
+            self.weight_sync.publish()  # the trainer holds the weights until the next update: the engine loads them
+            parts = ray.get(self._submit(reqs), timeout=timeout)  # seeds travel with the requests: same samples
+        return [x for part in parts for x in part]
+
+    def _submit(self, reqs: list[GenerationRequest]) -> list:
+        """One object ref per non-empty contiguous share of ``reqs``: the trainer ranks' (colocated) or the rollout
+        engines' (an engine behind on weights is given a reference to load them from first)."""
+        from actors.group import split_even
+
+        if self.colocated:  # run in submission order on each rank: before any update submitted after
+            return self.trainer.submit_generate(reqs, self.weights.version)
+        self.weight_sync.catch_up()
+        shards = split_even(reqs, len(self.rollout_group.actors))
+        return [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards) if s]
 
     def rollout(self, step: int):
         records, reqs = self._requests(step)
@@ -107,8 +135,6 @@ class Parts:
     def prefetch(self, step: int, rollouts: list | None = None):
         """Submit step ``step``'s roll-out now (ordered before any later weight update), finish 1-4 in a thread.
         rollouts: that roll-out already done (saved in the checkpoint a resume starts from): decode and score it."""
-        from actors.group import split_even
-
         records, reqs = self._requests(step)
         if rollouts is not None:  # reused only if it is what this step samples now (one_step: before the update)
             why = prefetch_mismatch(rollouts, reqs, step - 1 if self.cfg.async_mode == "one_step" else step)
@@ -117,8 +143,7 @@ class Parts:
                       f"({why}); sampling it again", file=sys.stderr, flush=True)
                 rollouts = None
         if rollouts is None:
-            shards = split_even(reqs, len(self.rollout_group.actors))
-            refs = [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards) if s]
+            refs = self._submit(reqs)
         else:
             refs = [ray.put(rollouts)]
         self._prefetched = (step, refs)
@@ -174,17 +199,10 @@ class Parts:
 
     # 7 --------------------------------------------------------------------------------------------------------------
     def sync_weights(self, version: int) -> None:
-        """Trainer rank 0 puts the new weights into its object store; the driver hands the reference on (the
-        engines fetch the tensors from rank 0's node, never through this process). An engine that is down now
-        loads them before its next roll-out (``generate`` gets ``self.weights``)."""
-        self.weights = self.trainer.publish_weights(version)
-        refs = self.rollout_group.broadcast("update_weights", self.weights.ref, version)
-        for i, ref in enumerate(refs):
-            try:
-                ray.get(ref, timeout=self.cfg.rollout.timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                print(f"[grpo] rollout engine {i} did not take weights version {version} "
-                      f"({type(e).__name__}); it loads them before its next roll-out", file=sys.stderr, flush=True)
+        """The new weights (version: steps done) into the rollout engines, never through this process: by reference
+        to rank 0's object store, or broadcast from rank 0 (``WeightSync``; colocated: a version count only). An
+        engine that misses them loads them before its next roll-out."""
+        self.weight_sync.sync(version)
 
     def lost_nodes(self, wait_s: float = 45.0) -> list[str]:
         """Addresses of the nodes alive when the run started and dead now. A killed node is declared dead only after
@@ -221,7 +239,8 @@ class Parts:
     def close(self, join_timeout_s: float = 30.0) -> None:
         """Kill every actor first, so that a background step waiting on one fails at once instead of waiting
         (or spinning on a pool that is gone), then join that step, then release the pools."""
-        actors = [*self.rollout_group.actors, *self.decoder.actors, *self.trainer.actors,
+        engines = self.rollout_group.actors if self.rollout_group else []  # none when colocated
+        actors = [*engines, *self.decoder.actors, *self.trainer.actors,
                   *(a for pool in self.rewards.pools.values() for a in pool)]
         for a in actors:
             ray.kill(a, no_restart=True)

@@ -117,6 +117,24 @@ def test_metrics_endpoint_shows_grpo_figures(reference_run):
     assert not [m for m in charted if m not in scraped], "the Grafana dashboard charts GRPO figures nobody exports"
 
 
+def test_collective_weight_sync_reaches_an_engine_on_another_node(healthy, one_reward, tmp_path):
+    """rollout.weight_sync=collective over gloo between nodes: one trainer rank, two engines that cannot share a
+    worker (1.25 of its 2 CPUs each), so one of them is on a node other than rank 0's."""
+    run_dir = tmp_path / "run"
+    proc = healthy.submit(grpo_cmd(one_reward, run_dir, "steps=2", "trainer.world_size=1",
+                                   "trainer.placement_strategy=PACK", "rollout.weight_sync=collective",
+                                   "rollout.num_actors=2", "rollout.num_cpus=1.25", "decoder.num_cpus=0.25",
+                                   "rewards.models.target_color.delay_s=0"), REPO)
+    out = finish(proc, timeout=900)
+    assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
+    placement = json.loads((run_dir / "placement.json").read_text())
+    rank0 = placement["trainer_node_ips"][0]
+    assert len(placement["rollout_node_ips"]) == 2, placement
+    assert [ip for ip in placement["rollout_node_ips"] if ip != rank0], placement  # one engine across the network
+    assert placement["rollout_param_sha256"] == [placement["trainer_param_sha256"][0]] * 2  # both took step 2's
+    assert "weight broadcast of version" not in out and "missed weights version" not in out, out[-3000:]
+
+
 def test_eval_job_on_workers_writes_what_a_local_run_writes(healthy, tmp_path):
     prompts = REPO.parent / "shared" / "data" / "uniar" / "eval_prompts" / "geneval_long.jsonl"  # not uploaded
     args = ["--config", "configs/eval/quick_tiny.yaml", "benchmark.limit=2", f"benchmark.prompt_file={prompts}",

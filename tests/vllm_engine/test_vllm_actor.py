@@ -36,3 +36,27 @@ def test_vllm_backend_in_the_rollout_actor(ray_local):
     for a, b in zip(new, TorchRolloutEngine(build_tiny_policy(1)).generate(reqs)):
         assert torch.equal(a.bits(), b.bits())
     ray.kill(actor)
+
+
+def test_vllm_engine_takes_a_collective_broadcast(ray_local):
+    """weight_sync=collective into the vLLM engine: buckets land in buffers, then one update (whole modules)."""
+    from actors.trainer import TrainerGroup, trainable
+    from actors.weight_sync import WeightSync
+    from uniar_ray.config import GRPOConfig, TrainerConfig
+
+    rollout = RolloutConfig(backend="vllm", max_batch=4, weight_sync="collective", timeout_s=300)
+    actor = RolloutEngineActor.options(num_cpus=0.5).remote(ModelConfig(path="tiny"), rollout)
+    trainer = TrainerGroup(ModelConfig(path="tiny", tiny_seed=1), GRPOConfig(num_generations=2, beta=0.0),
+                           TrainerConfig(num_cpus=0.5), total_steps=1)
+    try:
+        ws = WeightSync(trainer, [actor], rollout, "cpu", bucket_numel=20_000)
+        ws.sync(1)
+        assert ws.weights.ref is None and ray.get(actor.weights_version.remote()) == 1
+        want = build_tiny_policy(0)  # the engine's frozen parts (seed 0) with the trainer's trainable ones (seed 1)
+        want.load_state_dict({k: v for k, v in build_tiny_policy(1).state_dict().items() if trainable(k)}, strict=False)
+        reqs = [GenerationRequest("a red cat", 64, 64, seed=1), GenerationRequest("a blue dog", 64, 64, seed=2)]
+        for a, b in zip(ray.get(actor.generate.remote(reqs, ws.weights)), TorchRolloutEngine(want).generate(reqs)):
+            assert torch.equal(a.bits(), b.bits())
+    finally:
+        ray.kill(actor)
+        trainer.shutdown()

@@ -147,6 +147,9 @@ class EvalConfig:
     def __post_init__(self):
         if self.batch_size < 1 or self.preview_prompts < 0:
             raise ConfigError("eval: batch_size must be >= 1 and preview_prompts >= 0")
+        if self.rollout.placement != "separate" or self.rollout.weight_sync != "object_store":
+            raise ConfigError("rollout.placement and rollout.weight_sync are GRPO options (eval has no trainer): "
+                              "leave them at separate and object_store")
         check_tree(self)
 
 

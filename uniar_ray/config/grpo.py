@@ -189,5 +189,10 @@ class GRPORunConfig:
         if not self.rewards.models:
             raise ConfigError("rewards.models is empty: configure at least one reward")
         check_upsampling_ratio("decode_upsampling_ratio", self.decode_upsampling_ratio)
+        if self.rollout.placement == "colocated" and self.trainer.zero_stage == 3:
+            raise ConfigError("rollout.placement=colocated with trainer.zero_stage=3: ZeRO-3 splits every parameter "
+                              "across the ranks and colocated rollout reads each rank's parameters whole; use "
+                              "trainer.zero_stage=2 (every rank holds the full weights, the optimizer state is "
+                              "split), or rollout.placement=separate")
         check_tree(self)
 
