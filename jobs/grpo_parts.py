@@ -41,6 +41,7 @@ class Parts:
         from actors.reward_models import RewardGroup
         from actors.rollout_engine import RolloutEngineActor, Weights
         from actors.trainer import TrainerGroup
+        from jobs.grpo_validation import split_prompts
         from uniar_ray.data import PromptSampler, load_dataset
 
         self.cfg = cfg
@@ -53,8 +54,12 @@ class Parts:
         d = cfg.data
         dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
         dataset.records = check_grpo_inputs(dataset.records, cfg)  # model files, prompt and AR size limits
-        print(f"[grpo] data: {dataset.summary()}", flush=True)
-        self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+        train, self.val_records = split_prompts(cfg, dataset.records)  # validation prompts, never trained on
+        v = cfg.validation
+        held = (f"; validation: {len(self.val_records)} prompts, "
+                + (f"from {v.prompt_file}" if v.prompt_file else "held out of these") if self.val_records else "")
+        print(f"[grpo] data: {dataset.summary()}{held}", flush=True)
+        self.sampler = PromptSampler(train, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
         self.metrics = _Metrics()
         self.last_batch = self.last_images = None
         self.last_reasons: list[str] = []  # why the last step's samples were excluded (their own causes only)

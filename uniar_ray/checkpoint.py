@@ -30,6 +30,7 @@ IDENTITY_KEYS = {
     "data.shuffle": "the prompt order the saved data position points into",
     "data.skip_bad_lines": "the prompts the saved data position points into",
     "data_fingerprint": "the prompts the saved data position points into (the data files changed)",
+    "validation.holdout": "the prompts the saved data position points into (held-out prompts leave the training set)",
     "trainer.world_size": "how the optimizer state is sharded",
     "trainer.zero_stage": "how the optimizer state is sharded",
 }
@@ -134,17 +135,20 @@ def link_decoder(model_dir: Path, decoder_cfg: Any, run_path: Path) -> dict[str,
 
 
 def tiny_decoder_root(decoder_cfg: Any, run_path: Path) -> Path:
-    """The tiny decoder a run with ``decoder.path: tiny`` used, as a checkpoint folder in the run (written once)."""
+    """The tiny decoder a run with ``decoder.path: tiny`` used (``tiny_bit_driven`` included), as a checkpoint folder
+    in the run (written once): ``tiny_decoder-seed<S>`` or ``tiny_decoder-seed<S>-bit_driven``."""
     import shutil
     import tempfile
 
     from uniar_ray.decoder.tiny import write_tiny_decoder_checkpoint
 
-    root = Path(run_path) / f"tiny_decoder-seed{decoder_cfg.tiny_seed}"
+    bit_driven = decoder_cfg.tiny_bit_driven
+    # the name records every option that changes the weights: two runs' decoders never share a folder by mistake
+    root = Path(run_path) / f"tiny_decoder-seed{decoder_cfg.tiny_seed}{'-bit_driven' if bit_driven else ''}"
     if (root / "sd3_pipeline" / "model_index.json").is_file():
         return root
     tmp = Path(tempfile.mkdtemp(prefix=".tiny_decoder-", dir=run_path))
-    write_tiny_decoder_checkpoint(tmp, seed=decoder_cfg.tiny_seed, ar_model=False)
+    write_tiny_decoder_checkpoint(tmp, seed=decoder_cfg.tiny_seed, ar_model=False, bit_driven=bit_driven)
     try:
         os.rename(tmp, root)
     except OSError:  # written meanwhile by someone else
