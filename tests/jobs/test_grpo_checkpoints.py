@@ -21,7 +21,8 @@ from uniar_ray.model import UniARPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["save_every=2", "grid_every=2", "data.prompts_per_step=2", "grpo.num_generations=4",
-        "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2"]
+        "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
+        "validation.every=0"]  # validation: tested where named (the demo validates every 5 steps)
 
 pytestmark = pytest.mark.slow
 
