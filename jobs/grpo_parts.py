@@ -276,6 +276,11 @@ class _Batch:
         return cls(records, rollouts, g)
 
 
+def gauge_name(key: str) -> str:
+    """The Ray gauge of a metrics.jsonl key (Prometheus adds ``ray_``): ``train/kl`` -> ``uniar_grpo_train_kl``."""
+    return "uniar_grpo_" + "".join(c if c.isalnum() else "_" for c in key)
+
+
 class _Metrics:
     """Per-step figures as Ray metrics (Prometheus via the dashboard): one gauge per key, created on first use."""
 
@@ -288,7 +293,7 @@ class _Metrics:
         for k, v in m.items():
             if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
                 continue
-            name = "uniar_grpo_" + "".join(c if c.isalnum() else "_" for c in k)
+            name = gauge_name(k)
             if name not in self.gauges:
                 self.gauges[name] = Gauge(name, description=f"GRPO {k} per step")
             self.gauges[name].set(float(v))
