@@ -62,10 +62,11 @@ def held_out_prompts(cfg: GRPORunConfig) -> list:
 
 
 def settings_identity(cfg: GRPORunConfig, records: list) -> str:
-    """A short hash of what makes two validations comparable: the prompts, seeds, sampling, decoding and rewards
-    (not ``every`` or ``at_start``, which only say when)."""
+    """A short hash of what makes two validations comparable: the starting policy, the prompts, seeds, sampling,
+    decoding and rewards (not ``every`` or ``at_start``, which only say when)."""
     v = cfg.validation
-    same = {"prompts": [[r.prompt, r.task] for r in records], "num_generations": v.num_generations, "seed": v.seed,
+    same = {"model": [cfg.model.path, cfg.model.tiny_seed, cfg.model.dtype],
+            "prompts": [[r.prompt, r.task] for r in records], "num_generations": v.num_generations, "seed": v.seed,
             "temperature": v.temperature or cfg.grpo.temperature, "ar": [cfg.ar_height, cfg.ar_width],
             "decode": [cfg.decode_seed, cfg.grpo.seed, cfg.grpo.decode_num_inference_steps, cfg.grpo.decode_cfg_scale,
                        cfg.decode_upsampling_ratio, dataclasses.asdict(cfg.decoder)["path"]],
