@@ -105,21 +105,21 @@ class TrainerActor:
 
         Reference and, with num_iterations > 1, old log-probs are computed once, before the first update (TRL):
         the later passes see the updated policy against them, so their ratio moves and the clipping acts. With
-        num_iterations == 1 old = the current log-probs, detached (ratio exactly 1). Metrics are averaged over the
+        num_iterations == 1 old = the current log-probs, detached (ratio exactly 1). Metrics are merged over the
         passes; ``loss`` is the whole batch's loss."""
         t0 = time.perf_counter()
         mb = self.trainer.micro_batch_size
         micro = [self._prepare(samples[i: i + mb]) for i in range(0, len(samples), mb)]
         counts = counts or batch_counts(samples, num_processes=1)
         mu = self.grpo.num_iterations
-        sums: dict[str, float] = {}
+        passes = []
         for _ in range(mu):
-            for k, v in self._backward_pass(micro, counts).items():
-                sums[k] = sums.get(k, 0.0) + v / mu
+            metrics = self._backward_pass(micro, counts)
             self.engine.step()
             grad_norm = self.engine.get_global_grad_norm()
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + (float(grad_norm) if grad_norm is not None
-                                                              else float("nan")) / mu
+            metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            passes.append(metrics)
+        sums = train_step.merge_metrics(passes)
         sums.update(lr=self.scheduler.get_last_lr()[0], train_time_s=time.perf_counter() - t0)
         return sums
 
@@ -139,16 +139,16 @@ class TrainerActor:
 
     def _backward_pass(self, micro: list[train_step.MicroBatch], counts: grpo.BatchCounts) -> dict[str, float]:
         """Forward and backward over every micro-batch of the generation batch (gradients accumulate, reduced
-        across ranks at the last one); metrics averaged over micro-batches, ``loss`` summed."""
-        sums: dict[str, float] = {}
+        across ranks at the last one); metrics merged over micro-batches (``train_step.merge_metrics``: maxima
+        the max, means the mean), ``loss`` summed."""
+        rows = []
         for i, batch in enumerate(micro):
             self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
             loss, metrics = self._micro_loss(batch, counts)
             self.engine.backward(loss)
             metrics["loss"] *= len(micro)  # the rank's loss is the sum over its micro-batches
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / len(micro)
-        return sums
+            rows.append(metrics)
+        return train_step.merge_metrics(rows)
 
     def _prepare(self, chunk: list[Rollout]) -> train_step.MicroBatch:
         ref = None if self.ref is None else self.ref.bit_logits
@@ -322,7 +322,7 @@ class TrainerGroup:
         counts = batch_counts(samples, num_processes=n)
         per_rank = ray.get([a.train_step.remote(samples[r * k:(r + 1) * k], counts)
                             for r, a in enumerate(self.actors)], timeout=self.timeout_s)
-        return {key: sum(m[key] for m in per_rank) / n for key in per_rank[0]}
+        return train_step.merge_metrics(per_rank)
 
     def publish_weights(self, version: int) -> Weights:
         """Rank 0's ``Weights`` (a reference; the tensors stay in the object store of rank 0's node)."""

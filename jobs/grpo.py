@@ -5,8 +5,8 @@
     ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_uniar_rl.yaml cluster.address=auto
 The default config is the embedded demo: local Ray, tiny policy, a tiny decoder whose colours follow the bits, a
 redness reward, CPU.
-Prints the run directory at the end (metrics.jsonl, reward_curve.png, grids/, rollouts/step-N/index.html with
-rollouts.dump_every, checkpoints/step-N/{model,trainer}).
+Prints the run directory at the end (metrics.jsonl, validation.jsonl, reward_curve.png, grids/,
+rollouts/step-N/index.html with rollouts.dump_every, checkpoints/step-N/{model,trainer}).
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import ray
 from jobs import start_ray
 from jobs.grpo_parts import SECONDARY_EXCLUSION, Parts, timed
 from jobs.grpo_run import last_checkpoint_note, open_run, record_placement, resume, save_checkpoint
+from jobs.grpo_validation import Validator
+from jobs.grpo_validation import summary_line as validation_summary
 from uniar_ray import checkpoint as ckpt
 from uniar_ray import gallery, grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
@@ -52,8 +54,11 @@ def main(argv: list[str] | None = None):
         tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step)
         # one_step: step's roll-out is submitted now; after a resume it is the one the checkpoint saved
         pending = parts.prefetch(step, prefetched) if cfg.async_mode == "one_step" or prefetched else None
+        validator = Validator(cfg, parts.val_records, run)
         for step in range(step, cfg.steps):
+            val = validator.at(parts, step, pending)  # held-out prompts, the policy this step samples from
             metrics, pending = grpo_step(cfg, parts, step, pending)
+            metrics.update(val)
             run.log_metrics(metrics)
             tracker.log(metrics)
             parts.export(metrics)
@@ -69,6 +74,11 @@ def main(argv: list[str] | None = None):
             stop = budget.record(metrics["excluded_groups_all"], metrics["groups"], parts.last_reasons)
             if stop:
                 raise SystemExit(f"[grpo] step {step}: stopping: {stop}. {last_checkpoint_note(run)}")
+        final = validator.at_end(parts)  # the trained policy: a row of its own, step = cfg.steps
+        if final:
+            run.log_metrics(final)
+            tracker.log(final)
+            parts.export(final)
         record_placement(run, parts, digests=True)
     except FloatingPointError as e:  # a NaN loss: stop with a message, keep the last good checkpoint
         raise SystemExit(f"[grpo] {e}") from None
@@ -111,6 +121,9 @@ def summarize(run: RunDir) -> None:
             against = f"per-step noise {noise:.4f} (rise {(last - first) / noise:.1f}x the noise)"
         print(f"[grpo] mean reward: first {k} steps {first:.4f}, last {k} steps {last:.4f} ({last - first:+.4f}); "
               f"{against}; curve: {run.path / 'reward_curve.png'}", flush=True)
+    val = validation_summary(run.read_metrics())
+    if val:
+        print(val, flush=True)
 
 
 def step_noise(values: list[float]) -> float:

@@ -8,6 +8,7 @@ kept out of ``jobs/grpo.py`` so that its step reads as a list.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from concurrent.futures import CancelledError, Future
@@ -42,6 +43,7 @@ class Parts:
         from actors.rollout_engine import RolloutEngineActor
         from actors.trainer import TrainerGroup
         from actors.weight_sync import WeightSync
+        from jobs.grpo_validation import split_prompts
         from uniar_ray.data import PromptSampler, load_dataset
 
         self.cfg = cfg
@@ -59,8 +61,12 @@ class Parts:
         d = cfg.data
         dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
         dataset.records = check_grpo_inputs(dataset.records, cfg)  # model files, prompt and AR size limits
-        print(f"[grpo] data: {dataset.summary()}", flush=True)
-        self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
+        train, self.val_records = split_prompts(cfg, dataset.records)  # validation prompts, never trained on
+        v = cfg.validation
+        held = (f"; validation: {len(self.val_records)} prompts, "
+                + (f"from {v.prompt_file}" if v.prompt_file else "held out of these") if self.val_records else "")
+        print(f"[grpo] data: {dataset.summary()}{held}", flush=True)
+        self.sampler = PromptSampler(train, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
         self.metrics = _Metrics()
         self.last_batch = self.last_images = None
         self.last_reasons: list[str] = []  # why the last step's samples were excluded (their own causes only)
@@ -297,6 +303,11 @@ class _Batch:
         return cls(records, rollouts, g)
 
 
+def gauge_name(key: str) -> str:
+    """The Ray gauge of a metrics.jsonl key (Prometheus adds ``ray_``): ``train/kl`` -> ``uniar_grpo_train_kl``."""
+    return "uniar_grpo_" + "".join(c if c.isalnum() else "_" for c in key)
+
+
 class _Metrics:
     """Per-step figures as Ray metrics (Prometheus via the dashboard): one gauge per key, created on first use."""
 
@@ -309,7 +320,7 @@ class _Metrics:
         for k, v in m.items():
             if not isinstance(v, (int, float)) or not math.isfinite(float(v)):
                 continue
-            name = "uniar_grpo_" + "".join(c if c.isalnum() else "_" for c in k)
+            name = gauge_name(k)
             if name not in self.gauges:
                 self.gauges[name] = Gauge(name, description=f"GRPO {k} per step")
             self.gauges[name].set(float(v))

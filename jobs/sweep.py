@@ -3,6 +3,8 @@ unfinished one resumes); writes one results table (results.csv, results.md) and 
 
     python -m jobs.sweep --config configs/sweep.yaml [out_dir=runs/sweep2 overrides='[benchmark.limit=8]' ...]
     python -m jobs.sweep --config configs/sweep_grpo_run.yaml grpo_run=runs/grpo-demo [grpo_steps='[10,30]']
+A GRPO run's checkpoints are scored by default as the run validated them (benchmark ``validation``: its rewards on
+its held-out prompts); benchmarks can be listed beside it.
     ray job submit --working-dir . -- python -m jobs.sweep --config configs/sweep.yaml cluster.address=auto
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from benchmarks.common import atomic_write_text
 from jobs import eval as eval_job
 from jobs import start_ray
+from jobs.grpo_validation import VALIDATION
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, SweepConfig, load_config, parse_cli
 from uniar_ray.run_identity import normalized, recorded_identity
 
@@ -45,16 +48,26 @@ def main(argv: list[str] | None = None) -> Path:
 def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     out = Path(cfg.out_dir)
     rows = []
-    for name, model in sweep_checkpoints(cfg).items():
-        for bench in cfg.benchmarks:
-            for setting in cfg.settings:
-                run_cfg = eval_config(cfg, name, model, bench, setting)
-                results = finished(run_cfg)
-                status = "read back" if results else "ran"
-                results = results or eval_job.run(run_cfg)
-                rows.append(table_row(name, bench, label(setting), results))
-                print(f"[sweep] {name} / {bench} / {label(setting)}: score {results['score']} ({status})",
-                      file=sys.stderr)
+    scorer = run_validation(cfg)  # the GRPO run's own validation, when benchmarks lists it
+    try:
+        for name, model in sweep_checkpoints(cfg).items():
+            for bench in cfg.benchmarks:
+                if bench == VALIDATION:  # once per checkpoint: the run's own settings, not the sweep's
+                    results = scorer.cell(model, out.resolve() / name / bench / "run")
+                    rows.append(table_row(name, bench, "run", results))
+                    print(f"[sweep] {name} / {bench}: score {results['score']}", file=sys.stderr)
+                    continue
+                for setting in cfg.settings:
+                    run_cfg = eval_config(cfg, name, model, bench, setting)
+                    results = finished(run_cfg)
+                    status = "read back" if results else "ran"
+                    results = results or eval_job.run(run_cfg)
+                    rows.append(table_row(name, bench, label(setting), results))
+                    print(f"[sweep] {name} / {bench} / {label(setting)}: score {results['score']} ({status})",
+                          file=sys.stderr)
+    finally:
+        if scorer is not None:
+            scorer.close()
     write_table(out, rows)
     plot(out / "scores.png", rows)
     return rows
@@ -74,6 +87,19 @@ def sweep_checkpoints(cfg: SweepConfig) -> dict[str, ModelConfig]:
             found[name] = ModelConfig(path=str(folder.resolve()), dtype=trained.get("dtype", "float32"),
                                       device=trained.get("device", "cpu"))
     return found
+
+
+def run_validation(cfg: SweepConfig):
+    """A ``CheckpointScorer`` with the GRPO run's config when ``benchmarks`` lists validation, else None."""
+    if VALIDATION not in cfg.benchmarks:
+        return None
+    from jobs.grpo_validation import CheckpointScorer
+    from uniar_ray.config import GRPORunConfig, from_dict
+
+    config = Path(cfg.grpo_run) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"sweep: benchmark validation needs the GRPO run's config.json, not found: {config}")
+    return CheckpointScorer(from_dict(GRPORunConfig, json.loads(config.read_text()), where=str(config)))
 
 
 def label(setting: EvalSettings) -> str:
@@ -139,7 +165,8 @@ def _cell(value: Any) -> str:
 
 
 def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
-    """One panel per benchmark: score per setting, one line per checkpoint; unscored benchmarks say why."""
+    """One panel per benchmark: score per setting, one line per checkpoint (one setting: score per checkpoint);
+    unscored benchmarks say why."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,14 +177,19 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
     for ax, bench in zip(axes[0], benches):
         mine = [r for r in rows if r["benchmark"] == bench]
         settings = list(dict.fromkeys(r["setting"] for r in mine))
-        for name in dict.fromkeys(r["checkpoint"] for r in mine):
-            points = {r["setting"]: r["score"] for r in mine if r["checkpoint"] == name}
-            ys = [points.get(s) for s in settings]
-            ax.plot(range(len(settings)), [float("nan") if y is None else y for y in ys], marker="o", label=name)
+        names = list(dict.fromkeys(r["checkpoint"] for r in mine))
+        if len(settings) == 1:  # one setting: the checkpoints along the axis (a GRPO run's steps, in order)
+            ticks, series = names, {settings[0]: {r["checkpoint"]: r["score"] for r in mine}}
+        else:  # a line per checkpoint across the settings
+            ticks = settings
+            series = {n: {r["setting"]: r["score"] for r in mine if r["checkpoint"] == n} for n in names}
+        for name, points in series.items():
+            ys = [points.get(t) for t in ticks]
+            ax.plot(range(len(ticks)), [float("nan") if y is None else y for y in ys], marker="o", label=name)
         if all(r["score"] is None for r in mine):
             ax.text(0.5, 0.5, "not scored\n" + mine[0]["scored"][4:][:60], ha="center", va="center",
                     transform=ax.transAxes, wrap=True)
-        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=8)
         ax.set_title(bench)
         ax.set_ylabel("score")
         ax.legend(fontsize=8)

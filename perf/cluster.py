@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "uniar" / "rl_demo" / "demo_mix.yaml"
 CONFIG = ["--config", "configs/grpo_demo.yaml", "data.prompts_per_step=2", "grpo.num_generations=4",
           "trainer.micro_batch_size=2", "trainer.world_size=2", "grpo.decode_num_inference_steps=2",
-          f"data.path={DATA}"]
+          f"data.path={DATA}", "validation.every=0"]
 
 
 def medians(run_dir: Path, wall_s: float) -> dict:

@@ -55,10 +55,12 @@ IDENTITY_KEYS = {
     "decode_seed": _DECODE,
     **{f"rewards.models.*.{k}": _REWARD for k in ("kind", "weight", "tasks", "model_path", "clip_path", "checkpoint",
                                                   "target", "missing_score", "max_new_tokens", "dtype", "backend")},
-    # Conservative until a change of these mid-run is shown to be harmless: every validation key (curves before
-    # and after the resume must be measured on the same set, the same way), and where the roll-out runs (colocated
-    # samples with the trainer's live parameters, separate with synced engines).
-    "validation.*": "the validation set and how it is measured: curves before and after the resume would not compare",
+    "validation.holdout": "the prompts the saved data position points into (held-out prompts leave the training set)",
+    # The validation set and how it is measured: curves before and after the resume must compare (how often it runs
+    # may change).
+    **{f"validation.{k}": "the validation set and how it is measured: curves before and after the resume would not "
+                          "compare" for k in ("prompt_file", "num_generations", "seed", "temperature")},
+    # Where the roll-out runs: colocated samples with the trainer's live parameters, separate with synced engines.
     "rollout.placement": "which weights the roll-out samples with (colocated: the trainer's; separate: synced engines)",
     "trainer.world_size": "how the optimizer state is sharded",
     "trainer.zero_stage": "how the optimizer state is sharded",
@@ -164,17 +166,20 @@ def link_decoder(model_dir: Path, decoder_cfg: Any, run_path: Path) -> dict[str,
 
 
 def tiny_decoder_root(decoder_cfg: Any, run_path: Path) -> Path:
-    """The tiny decoder a run with ``decoder.path: tiny`` used, as a checkpoint folder in the run (written once)."""
+    """The tiny decoder a run with ``decoder.path: tiny`` used (``tiny_bit_driven`` included), as a checkpoint folder
+    in the run (written once): ``tiny_decoder-seed<S>`` or ``tiny_decoder-seed<S>-bit_driven``."""
     import shutil
     import tempfile
 
     from uniar_ray.decoder.tiny import write_tiny_decoder_checkpoint
 
-    root = Path(run_path) / f"tiny_decoder-seed{decoder_cfg.tiny_seed}"
+    bit_driven = decoder_cfg.tiny_bit_driven
+    # the name records every option that changes the weights: two runs' decoders never share a folder by mistake
+    root = Path(run_path) / f"tiny_decoder-seed{decoder_cfg.tiny_seed}{'-bit_driven' if bit_driven else ''}"
     if (root / "sd3_pipeline" / "model_index.json").is_file():
         return root
     tmp = Path(tempfile.mkdtemp(prefix=".tiny_decoder-", dir=run_path))
-    write_tiny_decoder_checkpoint(tmp, seed=decoder_cfg.tiny_seed, ar_model=False)
+    write_tiny_decoder_checkpoint(tmp, seed=decoder_cfg.tiny_seed, ar_model=False, bit_driven=bit_driven)
     try:
         os.rename(tmp, root)
     except OSError:  # written meanwhile by someone else

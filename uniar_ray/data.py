@@ -1,7 +1,8 @@
 """RL prompt data (spec §7.1-7.2, benchmarks_spec §7.1-7.2): JSONL records, YAML mixes, a resumable prompt sampler.
 
     dataset = load_dataset(cfg.data.path, seed=cfg.data.seed, skip_bad_lines=cfg.data.skip_bad_lines)
-    sampler = PromptSampler(dataset.records, cfg.data.prompts_per_step, seed=cfg.data.seed)
+    train, held = hold_out(dataset.records, cfg.validation.holdout, seed=cfg.data.seed)   # validation prompts
+    sampler = PromptSampler(train, cfg.data.prompts_per_step, seed=cfg.data.seed)
     prompts = sampler.next_batch()              # list[PromptRecord]; checkpoint sampler.state_dict()
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIX_ENTRY_KEYS = ("name", "json_path", "sampled_ratio")
+HOLDOUT_STREAM = 0x686F6C64  # "hold": the held-out choice's own random stream (epoch orders use (seed, epoch))
 
 
 class DataError(ValueError):
@@ -320,6 +322,28 @@ def load_dataset(
     if not dataset.records:
         raise DataError(f"{p}: no prompts ({dataset.summary()})")
     return dataset
+
+
+def hold_out(records: Sequence[PromptRecord], n: int, seed: int = 42) -> tuple[list[PromptRecord],
+                                                                                list[PromptRecord]]:
+    """(kept, held): ``n`` records set aside for validation, never trained on, and the rest; both in load order.
+
+    The choice is a permutation seeded by (seed, a constant of its own), so it does not follow the sampler's epoch
+    orders and the same seed and records always hold out the same prompts. A prompt text that occurs more than once
+    is held out everywhere it occurs (a copy left in training would make it seen); ``held`` can then be longer than
+    ``n``."""
+    if n <= 0:
+        return list(records), []
+    if n >= len(records):
+        raise DataError(f"validation.holdout={n}: the data has only {len(records)} prompts; hold out fewer, so that "
+                        "some are left to train on")
+    picked = np.random.default_rng([int(seed), HOLDOUT_STREAM]).permutation(len(records))[:n]
+    texts = {records[int(i)].prompt for i in picked}
+    held = [r for r in records if r.prompt in texts]
+    kept = [r for r in records if r.prompt not in texts]
+    if not kept:
+        raise DataError(f"validation.holdout={n}: holding out these prompts leaves none to train on")
+    return kept, held
 
 
 # ----------------------------------------------------------------------------------------------------------------

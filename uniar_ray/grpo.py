@@ -233,6 +233,28 @@ def truncated_is_ratio(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: 
     return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
 
 
+def rollout_gap(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cap: float
+                ) -> dict[str, float]:
+    """How far the rollout engine's sampling log-probs are from the trainer's, over the bits that count (mask > 0).
+
+    old_logp: the trainer's per-bit log-probs of the sampled bits before any update of this batch (the first
+    iteration's), rollout_logp: the engine's, mask: [B, T] each. Metrics (NaN when no bit counts):
+    - sampling/sampling_logp_difference/mean|max: |old_logp - rollout_logp| per bit, in nats;
+    - sampling/importance_sampling_ratio/min|mean|max: the truncated weight min(exp(old - rollout), cap) that the
+      correction multiplies each bit's loss by (or would, with it off);
+    - sampling/importance_sampling_capped_frac: the fraction of bits whose weight the cap truncated.
+    TRL's names (``vllm_importance_sampling_correction``), plus the capped fraction."""
+    with torch.no_grad():
+        sel = mask > 0
+        diff = (old_logp - rollout_logp)[sel]
+        ratio = torch.exp(diff)
+        out = _stats("sampling/sampling_logp_difference", diff.abs(), ("mean", "max"))
+        out.update(_stats("sampling/importance_sampling_ratio", ratio.clamp(max=cap), ("min", "mean", "max")))
+        out["sampling/importance_sampling_capped_frac"] = float((ratio > cap).float().mean()) if diff.numel() \
+            else float("nan")
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchCounts:
     """Denominators of the loss over a whole generation batch: every micro-batch on every rank (the driver counts
@@ -357,8 +379,8 @@ def policy_loss(
     times the IS weight, + beta * k3_kl(logp, ref_logp). Then ``reduce_loss``.
 
     Metrics (floats): loss; kl (masked mean, when beta != 0); clip_ratio/low_mean (rho < 1 - eps and A < 0),
-    clip_ratio/high_mean (rho > 1 + eps_high and A > 0), clip_ratio/region_mean (either); with a rollout_logp:
-    sampling/sampling_logp_difference/mean|max and sampling/importance_sampling_ratio/min|mean|max.
+    clip_ratio/high_mean (rho > 1 + eps_high and A > 0), clip_ratio/region_mean (either); with a rollout_logp,
+    whether the correction is on or off, the train/rollout gap of ``rollout_gap`` (``sampling/*``).
     """
     if logp.dim() < 3:
         raise ValueError(f"logp must be [B, N, L, U, D] or [B, N, K] (N AR tokens, K bits each), got "
@@ -387,16 +409,11 @@ def policy_loss(
         per_bit = per_bit.expand(B, flat_m.shape[1])
 
     metrics: dict[str, float] = {}
-    if rollout_logp is not None and cfg.vllm_importance_sampling_correction:
+    if rollout_logp is not None:  # measured every step; applied only with the correction on
         roll = rollout_logp.reshape(B, -1).to(device=lp.device, dtype=lp.dtype)
-        is_ratio = truncated_is_ratio(old.reshape(B, -1), roll, cfg.vllm_importance_sampling_cap)
-        per_bit = per_bit * is_ratio
-        with torch.no_grad():
-            sel = flat_m > 0
-            diff = (old.reshape(B, -1) - roll).abs()[sel]
-            r = is_ratio[sel]
-            metrics.update(_stats("sampling/sampling_logp_difference", diff, ("mean", "max")))
-            metrics.update(_stats("sampling/importance_sampling_ratio", r, ("min", "mean", "max")))
+        metrics.update(rollout_gap(old.reshape(B, -1), roll, flat_m, cfg.vllm_importance_sampling_cap))
+        if cfg.vllm_importance_sampling_correction:
+            per_bit = per_bit * truncated_is_ratio(old.reshape(B, -1), roll, cfg.vllm_importance_sampling_cap)
     if cfg.beta != 0.0:
         if ref_logp is None:
             raise ValueError("beta != 0 needs ref_logp (the frozen reference policy's per-bit log-probs)")

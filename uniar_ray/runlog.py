@@ -31,6 +31,7 @@ class RunDir:
                   "(--resume continues the earlier one)", flush=True)
             self.path = self.path.with_name(f"{self.path.name}-{stamp}")  # never overwrite an earlier run
         self.metrics_path = self.path / "metrics.jsonl"
+        self.validation_path = self.path / "validation.jsonl"  # one line per validation (jobs/grpo_validation.py)
         self.identity: dict[str, Any] | None = None  # the run's config + data fingerprint (set by the GRPO job)
 
     def is_used(self) -> bool:
@@ -78,7 +79,20 @@ class RunDir:
         from uniar_ray import gallery
 
         gallery.truncate(self.path / "rollouts", upto_step)  # and the sample dumps of those steps
+        self._truncate_validations(upto_step)
         return len(lines) - len(keep)
+
+    def _truncate_validations(self, upto_step: int) -> None:
+        """Validations after ``upto_step`` measured policies the resumed run replaces; the one at ``upto_step``
+        measured the checkpoint's own weights and stays (a resumed run does not redo it)."""
+        if not self.validation_path.exists():
+            return
+        lines = [line for line in self.validation_path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("step", -1) <= upto_step]
+        if len(keep) != len(lines):
+            tmp = self.validation_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.rename(self.validation_path)
 
     def plot_rewards(self) -> Path | None:
         rows = self.read_metrics()
@@ -89,14 +103,23 @@ class RunDir:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [m["step"] for m in rows]
+        train = [m for m in rows if "reward_mean" in m]
+        val = [m for m in rows if "val/reward_mean" in m]  # held-out prompts, every validation.every steps
+        steps = [m["step"] for m in train]
         names = sorted({k[len("rewards/"):-len("/mean")] for m in rows for k in m
                         if k.startswith("rewards/") and k.endswith("/mean")})
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), dpi=110, sharex=True)
-        top.plot(steps, [_num(m.get("reward_mean")) for m in rows], marker="o")
+        top.plot(steps, [_num(m.get("reward_mean")) for m in train], marker="o", label="training batch")
+        if val:
+            top.plot([m["step"] for m in val], [_num(m["val/reward_mean"]) for m in val], marker="s",
+                     label="validation (held-out)")
+            top.legend(fontsize=8)
         top.set_ylabel("weighted reward")
         for n in names:  # each reward on its own scale would squash the total, hence a second panel
-            bottom.plot(steps, [_num(m.get(f"rewards/{n}/mean")) for m in rows], marker=".", label=n)
+            line, = bottom.plot(steps, [_num(m.get(f"rewards/{n}/mean")) for m in train], marker=".", label=n)
+            if any(f"val/{n}/mean" in m for m in val):
+                bottom.plot([m["step"] for m in val], [_num(m.get(f"val/{n}/mean")) for m in val], marker="s",
+                            linestyle="--", color=line.get_color(), label=f"{n} (validation)")
         bottom.set_ylabel("per reward (mean)")
         bottom.set_xlabel("step")
         for ax in (top, bottom):

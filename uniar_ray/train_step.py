@@ -3,12 +3,14 @@ the fixed (reference and old) log-probs, and the per-micro-batch GRPO loss. No R
 
     micro = [prepare(chunk, forward, ref_forward, pad_id, cfg, device) for chunk in chunks]
     loss, metrics = micro_loss(forward, micro[0], counts, cfg)     # then backward, step
+    metrics = merge_metrics([metrics_of_each_micro_batch, ...])   # max of maxima, mean of means
 ``forward(ids, mask, bits, h, w)`` returns ``bit_logits`` ([B, N, L, U, D, 2]): the DeepSpeed engine in the trainer
 actor (ZeRO-3 gathers its shards there), the plain policy in ``perf/gpu_grpo.py``.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -75,3 +77,23 @@ def micro_loss(forward: Forward, x: MicroBatch, counts: grpo.BatchCounts,
     with torch.no_grad():
         metrics["entropy"] = grpo.entropy_mean(grpo.bit_entropy(logits, cfg), x.keep)
     return loss, metrics
+
+
+def merge_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The metrics of several micro-batches (or passes, or ranks) as one: ``*/max`` keys take the max, ``*/min``
+    the min, ``*/mean`` and ``*_frac`` the mean, each over the rows that have a number (a micro-batch whose samples
+    are all excluded has NaN there); any other key is the plain mean (a NaN loss stays NaN: the driver stops on it).
+    Means are unweighted: micro-batches are equal but for a short last one."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        values = [float(row[key]) for row in rows if key in row]
+        finite = [v for v in values if not math.isnan(v)]
+        if key.endswith(("/max", "/min", "/mean", "_frac")):
+            if not finite:
+                out[key] = math.nan
+            else:
+                out[key] = max(finite) if key.endswith("/max") else min(finite) if key.endswith("/min") \
+                    else sum(finite) / len(finite)
+        else:
+            out[key] = sum(values) / len(values)
+    return out

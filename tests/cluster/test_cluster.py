@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 DATA = REPO.parent / "shared" / "data" / "uniar" / "rl_demo" / "demo_mix.yaml"  # absolute: not in the upload
 GRPO = ["steps=3", "save_every=1", "grid_every=3", "data.prompts_per_step=2", "grpo.num_generations=4",
         "trainer.micro_batch_size=2", "trainer.world_size=2", "trainer.placement_strategy=STRICT_SPREAD",
-        "grpo.decode_num_inference_steps=2", "cluster.address=auto", f"data.path={DATA}",
+        "grpo.decode_num_inference_steps=2", "cluster.address=auto", f"data.path={DATA}", "validation.every=0",
         "rewards.models.target_color.delay_s=3"]  # steps of >= 3 s: a kill after step 0 lands inside step 1
 STEP_KEYS = ("reward_mean", "train/loss", "train/kl", "train/grad_norm")
 

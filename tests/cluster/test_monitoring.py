@@ -30,3 +30,13 @@ def test_dashboard_charts_only_metrics_the_code_exports():
             "uniar_reward_call_seconds"} <= fixed
     assert fixed <= exported_names(), fixed - exported_names()
     assert {"uniar_grpo_reward_mean", "uniar_grpo_time_sync", "uniar_grpo_excluded_groups"} <= charted
+
+
+def test_dashboard_charts_the_train_rollout_gap_under_the_names_the_job_exports():
+    import torch
+
+    from jobs.grpo_parts import gauge_name
+    from uniar_ray.grpo import rollout_gap
+
+    keys = rollout_gap(torch.zeros(1, 4), torch.zeros(1, 4), torch.ones(1, 4), cap=2.0)  # the trainer's metric keys
+    assert {gauge_name(f"train/{k}") for k in keys} <= dashboard_metrics()  # the driver adds train/

@@ -40,3 +40,22 @@ def test_bit_driven_pixels_follow_the_bits():
 def test_bit_driven_only_for_the_tiny_decoder():
     with pytest.raises(ConfigError, match="tiny_bit_driven"):
         DecoderConfig(path="/ckpt/uniar", tiny_bit_driven=True)
+
+
+def test_checkpoints_link_the_decoder_the_run_trained_with(tmp_path):
+    """A run with the bit-driven decoder links that one into every step-N/model (the folder's name says so): a
+    checkpoint decodes exactly as the run's decoder pool did."""
+    from uniar_ray.checkpoint import link_decoder
+    from uniar_ray.decoder import UniARDecoder
+
+    bits = (torch.rand(2, 4, 4, 4, 64, generator=torch.Generator().manual_seed(3)) < 0.5).to(torch.uint8)
+    run = tmp_path / "run"
+    for driven in (True, False):
+        model = run / "checkpoints" / f"step-00000{int(driven)}" / "model"
+        model.mkdir(parents=True)
+        found = link_decoder(model, DecoderConfig(path="tiny", tiny_bit_driven=driven), run)
+        assert found["sd3_transformer"].parent.name == "tiny_decoder-seed0" + ("-bit_driven" if driven else "")
+    model = run / "checkpoints" / "step-000001" / "model"
+    linked = _decode(UniARDecoder.from_pretrained(model, dtype=torch.float32), bits)
+    pool = _decode(load_decoder(DecoderConfig(path="tiny", tiny_bit_driven=True)), bits)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(linked, pool))

@@ -120,9 +120,7 @@ def test_policy_loss_matches_slow_loop(case):
     assert metrics["loss"] == pytest.approx(want.item())
     assert metrics["clip_ratio/low_mean"] + metrics["clip_ratio/high_mean"] > 0  # the test exercises clipping
     assert ("kl" in metrics) == (cfg.beta != 0)
-    assert ("sampling/importance_sampling_ratio/max" in metrics) == cfg.vllm_importance_sampling_correction
-    if cfg.vllm_importance_sampling_correction:
-        assert metrics["sampling/importance_sampling_ratio/max"] <= cfg.vllm_importance_sampling_cap + 1e-12
+    assert metrics["sampling/importance_sampling_ratio/max"] <= cfg.vllm_importance_sampling_cap + 1e-12
 
 
 def test_first_on_policy_iteration_zero_loss_nonzero_gradient():
@@ -195,6 +193,53 @@ def test_importance_sampling_weight_is_capped_and_detached():
     plain, _ = grpo.policy_loss(x2, adv, dataclasses.replace(cfg, vllm_importance_sampling_correction=False))
     plain.backward()
     torch.testing.assert_close(x.grad, 2.0 * x2.grad)
+
+
+def slow_gap(old, roll, mask, cap):
+    """The train/rollout gap metrics, one bit at a time."""
+    diffs, ratios = [], []
+    for b in range(old.shape[0]):
+        for t in range(old.shape[1]):
+            if float(mask[b, t]) > 0:
+                d = float(old[b, t]) - float(roll[b, t])
+                diffs.append(abs(d))
+                ratios.append(math.exp(d))
+    capped = [min(r, cap) for r in ratios]
+    return {"sampling/sampling_logp_difference/mean": sum(diffs) / len(diffs),
+            "sampling/sampling_logp_difference/max": max(diffs),
+            "sampling/importance_sampling_ratio/min": min(capped),
+            "sampling/importance_sampling_ratio/mean": sum(capped) / len(capped),
+            "sampling/importance_sampling_ratio/max": max(capped),
+            "sampling/importance_sampling_capped_frac": sum(r > cap for r in ratios) / len(ratios)}
+
+
+def test_rollout_gap_matches_slow_loop_with_the_correction_on_or_off():
+    logp, old, _, roll, adv, mask = _inputs()
+    flat = [x.reshape(B, -1) for x in (old, roll, mask)]
+    want = slow_gap(*flat, cap=2.0)
+    got = grpo.rollout_gap(*flat, cap=2.0)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert 0 < got["sampling/importance_sampling_capped_frac"] < 1  # the case exercises the cap
+    for on in (True, False):  # measured every step; only applied with the correction on
+        cfg = GRPOConfig(beta=0.0, vllm_importance_sampling_correction=on)
+        _, metrics = grpo.policy_loss(logp, adv, cfg, old_logp=old, rollout_logp=roll, mask=mask)
+        assert {k: metrics[k] for k in want} == pytest.approx(want, rel=1e-6)
+    # on-policy first iteration (no old log-probs): the gap is between the trainer's current log-probs and the engine's
+    _, metrics = grpo.policy_loss(logp, adv, GRPOConfig(beta=0.0), rollout_logp=roll, mask=mask)
+    assert metrics["sampling/sampling_logp_difference/max"] == pytest.approx(
+        slow_gap(logp.reshape(B, -1), *flat[1:], cap=2.0)["sampling/sampling_logp_difference/max"])
+    nothing = grpo.rollout_gap(*flat[:2], torch.zeros_like(flat[2]), cap=2.0)
+    assert all(math.isnan(v) for v in nothing.values())
+
+
+def test_merge_metrics_takes_the_max_of_maxima_and_the_mean_of_means():
+    from uniar_ray.train_step import merge_metrics
+
+    rows = [{"a/max": 1.0, "a/min": 3.0, "a/mean": math.nan, "b_frac": 0.5, "loss": 1.0},
+            {"a/max": 2.0, "a/min": math.nan, "a/mean": 4.0, "b_frac": 0.1, "loss": math.nan}, {"grad_norm": 2.0}]
+    m = merge_metrics(rows)
+    assert (m["a/max"], m["a/min"], m["a/mean"], m["grad_norm"]) == (2.0, 3.0, 4.0, 2.0)
+    assert m["b_frac"] == pytest.approx(0.3) and math.isnan(m["loss"])  # a NaN loss is never hidden
 
 
 def test_policy_loss_input_errors():

@@ -3,7 +3,9 @@ jobs.sweep evaluates; --resume keeps the run's identity, truncates metrics, fall
 changes nothing on disk when refused; TensorBoard and W&B (offline) get the keys of metrics.jsonl."""
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -21,7 +23,8 @@ from uniar_ray.model import UniARPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["save_every=2", "grid_every=2", "data.prompts_per_step=2", "grpo.num_generations=4",
-        "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2"]
+        "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
+        "validation.every=0"]  # validation: tested where named (the demo validates every 5 steps)
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +38,12 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def run4(ray_local, tmp_path_factory):
-    """A 4-step demo run saving every 2 steps, with both trackers on (shared by the tests below; copy before use)."""
+    """A 4-step demo run saving every 2 steps, validating at 0, 2 and 4, with both trackers on (shared by the tests
+    below; copy before use)."""
     path = tmp_path_factory.mktemp("grpo") / "run"
     return job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={path}", "steps=4", *FAST,
-                     "tracking.tensorboard=true", "tracking.wandb=true"])
+                     "tracking.tensorboard=true", "tracking.wandb=true", "validation.every=2",
+                     "validation.num_generations=2"])  # the demo's 8 held-out prompts: the resumes keep them
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -83,13 +88,27 @@ def test_every_save_writes_a_model_folder_that_loads_and_differs(run4):
 def test_sweep_over_the_runs_checkpoints_gives_one_row_each(run4, tmp_path):
     from jobs import sweep
 
-    out = sweep.main(["--config", "configs/sweep_grpo_run.yaml", f"grpo_run={run4}", f"out_dir={tmp_path / 's'}",
-                      "overrides=[benchmark.limit=1, settings.ar_height=64, settings.ar_width=64, "
-                      "settings.upsampling_ratio=1.0, settings.num_inference_steps=2, scoring.geneval_detector=tiny, "
-                      "scoring.geneval_clip=tiny]"])
-    rows = (out / "results.csv").read_text().splitlines()[1:]
-    assert [r.split(",")[0] for r in rows] == ["step-000002", "step-000004"]
-    assert all(",True," in r for r in rows)  # complete runs
+    argv = ["--config", "configs/sweep_grpo_run.yaml", f"grpo_run={run4}", f"out_dir={tmp_path / 's'}",
+            "benchmarks=[validation, geneval]",
+            "overrides=[benchmark.limit=1, settings.ar_height=64, settings.ar_width=64, "
+            "settings.upsampling_ratio=1.0, settings.num_inference_steps=2, scoring.geneval_detector=tiny, "
+            "scoring.geneval_clip=tiny]"]
+    out = sweep.main(argv)
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert [(r["checkpoint"], r["benchmark"]) for r in rows] == [
+        ("step-000002", "validation"), ("step-000002", "geneval"), ("step-000004", "validation"),
+        ("step-000004", "geneval")]
+    assert all(r["complete"] == "True" for r in rows)  # complete runs
+    # each checkpoint scored as the run validated it: the same prompts, seeds, decoder and rewards, the same number
+    val = {m["step"]: m["val/reward_mean"] for m in map(json.loads, (run4 / "metrics.jsonl").read_text().splitlines())
+           if "val/reward_mean" in m}
+    assert sorted(val) == [0, 2, 4]
+    for r in rows[::2]:
+        assert float(r["score"]) == pytest.approx(val[int(r["checkpoint"][5:])], abs=1e-6), r
+    results = out / "step-000004" / "validation" / "run" / "results.json"
+    stamp = results.stat().st_mtime_ns
+    sweep.main(argv)  # a rerun reads finished cells back
+    assert results.stat().st_mtime_ns == stamp
     only = sweep.sweep_checkpoints(sweep.load_config(sweep.SweepConfig, "configs/sweep_grpo_run.yaml",
                                                      [f"grpo_run={run4}", "grpo_steps=[4]"]))
     assert list(only) == ["step-000004"]
@@ -103,17 +122,19 @@ def test_trackers_get_the_keys_of_metrics_jsonl(run4):
 
     rows = [json.loads(line) for line in (run4 / "metrics.jsonl").read_text().splitlines()]
     keys = {k for m in rows for k, v in m.items() if k != "step" and isinstance(v, (int, float))}
+    rows, final = rows[:-1], rows[-1]  # the steps; the last row holds the final validation only
     acc = EventAccumulator(str(run4 / "tensorboard"))
     acc.Reload()
     assert set(acc.Tags()["scalars"]) == keys
     assert [e.step for e in acc.Scalars("reward_mean")] == [0, 1, 2, 3]
+    assert [e.step for e in acc.Scalars("val/reward_mean")] == [0, 2, 4]  # 4: the trained policy
     assert [e.value for e in acc.Scalars("reward_mean")] == pytest.approx([m["reward_mean"] for m in rows])
     # W&B offline: one run, its transaction log (what `wandb sync` uploads) holds every key and the values
     logs = list((run4 / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1
     from test_tracking import wandb_log  # same folder
 
-    log = wandb_log(logs[0], repr(rows[-1]["reward_mean"]).encode())
+    log = wandb_log(logs[0], repr(final["val/reward_mean"]).encode())  # the last figure logged
     assert [k for k in keys if k.encode() not in log] == []
     assert all(repr(m["reward_mean"]).encode() in log for m in rows)
 

@@ -21,7 +21,8 @@ from uniar_ray.config import GRPORunConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["save_every=1", "grid_every=1", "data.prompts_per_step=2", "grpo.num_generations=4",
-        "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2"]
+        "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
+        "validation.every=0"]
 # Every decode times out (the actor is killed and, with no restarts left, stays dead): every group is excluded.
 DECODE_FAILS = ["decoder.timeout_s=0.01", "decoder.max_retries=0", "decoder.max_restarts=0"]
 # The redness reward (weight 1, every prompt) times out once, then its only actor is dead past its restarts.

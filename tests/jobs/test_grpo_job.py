@@ -14,7 +14,8 @@ from jobs import grpo as job
 from uniar_ray import gallery
 
 FAST = ["steps=3", "save_every=1", "grid_every=1", "data.prompts_per_step=2", "grpo.num_generations=4",
-        "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2"]
+        "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
+        "validation.every=0"]  # validation: tested where named (the demo validates every 5 steps)
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +37,22 @@ def _model_state(run_dir, step):
 def test_resume_gives_the_same_next_step(ray_local, tmp_path):
     # The "interrupted" run is a 2-step run, so the learning rate must not depend on the run's length (the demo's
     # linear decay to 0 at the last step would give it another schedule than the 3-step run it is compared with).
-    fast = FAST + ["grpo.lr_scheduler_type=constant"]
+    fast = FAST + ["grpo.lr_scheduler_type=constant",  # and validation: the resume reuses what it has
+                   "validation.every=2", "validation.holdout=4", "validation.num_generations=2"]
     full = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path / 'full'}", *fast])
     part = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path / 'part'}", *fast[1:], "steps=2"])
     resumed = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={part}", *fast, "--resume"])
     assert resumed == part
     a, b = _metrics(full), _metrics(part)
-    assert [m["step"] for m in a] == [0, 1, 2] and [m["step"] for m in b] == [0, 1, 2]
+    assert [m["step"] for m in a] == [0, 1, 2, 3] and [m["step"] for m in b] == [0, 1, 2, 3]  # 3: the final policy
     for key in ("reward_mean", "train/loss", "train/kl", "train/grad_norm"):
         assert a[2][key] == pytest.approx(b[2][key], rel=1e-4, abs=1e-6), key
+    # validations at 0, 2 and the end: the 2-step run's last one (step 2) is reused by the resume, not redone
+    assert [json.loads(x)["step"] for x in (part / "validation.jsonl").read_text().splitlines()] == [0, 2, 3]
+    for step in (0, 2, 3):
+        assert a[step]["val/reward_mean"] == pytest.approx(b[step]["val/reward_mean"], rel=1e-4), step
+    assert set(a[3]) == {"step", "val/target_color/mean", "val/reward_mean", "val/num_samples", "val/num_failed",
+                         "val/time_s"}
     sa, sb = _model_state(full, 3), _model_state(part, 3)
     assert max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa) < 1e-5
     assert (full / "reward_curve.png").stat().st_size > 0 and list((full / "grids").glob("*.png"))
@@ -55,7 +63,8 @@ def test_resume_gives_the_same_next_step(ray_local, tmp_path):
     # on-policy first step: the loss value is -mean(A) = 0 up to the IS weights (1 +- 1e-6)
     assert abs(first["train/loss"]) < 1e-4 and "train/clip_ratio/region_mean" in first
     for key in ("time/rollout", "time/decode", "time/score", "time/update", "time/sync", "step_time_s",
-                "images_per_s", "frac_reward_zero_std", "train/entropy", "train/grad_norm"):
+                "images_per_s", "frac_reward_zero_std", "train/entropy", "train/grad_norm",
+                "train/sampling/importance_sampling_capped_frac", "train/sampling/importance_sampling_ratio/min"):
         assert key in first, key
 
 

@@ -1,5 +1,6 @@
 """``async_mode: one_step`` resume: a run killed after a checkpoint and resumed gives the uninterrupted run's next
-step (prompts, seeds, images, rewards, loss), although that step's roll-out was sampled before the checkpoint."""
+step (prompts, seeds, images, rewards, loss), although that step's roll-out was sampled before the checkpoint; its
+validations (taken while a roll-out runs in the background) are reused up to the checkpoint and equal after it."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ from jobs import grpo_run
 
 FAST = ["steps=3", "save_every=1", "grid_every=1", "data.prompts_per_step=2", "grpo.num_generations=4",
         "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
-        "async_mode=one_step", "decode_seed=sample"]
+        "async_mode=one_step", "decode_seed=sample",
+        "validation.every=2", "validation.holdout=4", "validation.num_generations=2"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,12 @@ def test_one_step_resume_equals_the_uninterrupted_run(ray_local, tmp_path):
     resumed = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={cut}", *FAST, "--resume"])
     assert resumed == cut
     a, b = _metrics(full), _metrics(cut)
-    assert [m["step"] for m in b] == [0, 1, 2]
+    assert [m["step"] for m in b] == [0, 1, 2, 3]  # 3: the final policy's validation
+    # validations while a roll-out runs in the background; step 2's (the checkpoint's weights) is reused, not redone
+    assert [m["step"] for m in a if "val/reward_mean" in m] == [0, 2, 3]
+    assert len((cut / "validation.jsonl").read_text().splitlines()) == 3
+    for step in (2, 3):
+        assert b[step]["val/reward_mean"] == pytest.approx(a[step]["val/reward_mean"], rel=1e-5), step
     for key in ("reward_mean", "train/loss", "train/kl", "train/grad_norm",
                 "train/sampling/sampling_logp_difference/max"):
         assert b[2][key] == pytest.approx(a[2][key], rel=1e-5, abs=1e-7), key

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # Ray, the trainer and a vLLM start
 
 FAST = ["steps=2", "save_every=1", "grid_every=2", "data.prompts_per_step=2", "grpo.num_generations=4",
         "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
-        "rollout.backend=vllm", "rollout.max_batch=8", "rollout.vllm_kvcache_gib=0.25"]
+        "rollout.backend=vllm", "rollout.max_batch=8", "rollout.vllm_kvcache_gib=0.25", "validation.every=0"]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from uniar_ray.config.base import (ConfigError, apply_override, check_choice, ch
 from uniar_ray.config.decoder import DecoderConfig
 from uniar_ray.config.eval import (BENCHMARK_NAMES, BenchmarkConfig, EvalConfig, EvalDecoderConfig,
                                    EvalScoringConfig, EvalSettings, SweepConfig)
-from uniar_ray.config.grpo import DataConfig, GRPOConfig, GRPORunConfig
+from uniar_ray.config.grpo import DataConfig, GRPOConfig, GRPORunConfig, ValidationConfig
 from uniar_ray.config.model import DemoConfig, ModelConfig, SamplingConfig
 from uniar_ray.config.rewards import REWARD_KINDS, RewardConfig, RewardSpec
 from uniar_ray.config.rollout import RolloutConfig
@@ -21,4 +21,5 @@ __all__ = [
     "GRPOConfig", "GRPORunConfig", "ModelConfig", "RewardConfig", "RewardSpec", "RolloutConfig", "SamplingConfig",
     "SweepConfig", "TrackingConfig", "TrainerConfig", "apply_override", "check_choice", "check_tree",
     "check_upsampling_ratio", "field_problem", "from_dict", "load_config", "parse_cli", "to_dict", "tree_problems",
+    "ValidationConfig",
 ]

@@ -12,6 +12,9 @@ from uniar_ray.config.trainer import ClusterConfig
 
 
 BENCHMARK_NAMES = ("geneval", "oneig", "longtext", "imgedit", "custom")
+# What a sweep can score: a benchmark (an eval run), or "validation": a GRPO run's own validation (its rewards on
+# its held-out prompts, jobs/grpo_validation.py), for sweeps over that run's checkpoints.
+SWEEP_SCORES = (*BENCHMARK_NAMES, "validation")
 
 
 @dataclasses.dataclass
@@ -162,7 +165,9 @@ class SweepConfig:
 
     checkpoints: dict[str, ModelConfig] = dataclasses.field(default_factory=dict)
     # A GRPO run folder: its complete checkpoints join the sweep as ``step-NNNNNN`` (each one's model/ folder; dtype
-    # and device from the run's config.json). grpo_steps picks some of them; empty = all.
+    # and device from the run's config.json). grpo_steps picks some of them; empty = all. With a grpo_run,
+    # benchmarks may list "validation": every checkpoint scored as the run validated (its rewards, held-out
+    # prompts, sampling and decoding; settings and overrides apply to the benchmarks only).
     grpo_run: str = ""
     grpo_steps: list[int] = dataclasses.field(default_factory=list)
     benchmarks: list[str] = dataclasses.field(default_factory=lambda: ["geneval"])
@@ -175,7 +180,10 @@ class SweepConfig:
 
     def __post_init__(self):
         for name in self.benchmarks:
-            check_choice("sweep.benchmarks[]", name, BENCHMARK_NAMES)
+            check_choice("sweep.benchmarks[]", name, SWEEP_SCORES)
+        if "validation" in self.benchmarks and not self.grpo_run:
+            raise ConfigError("sweep.benchmarks lists validation (a GRPO run's own rewards on its held-out prompts): "
+                              "also set grpo_run (the run folder whose config says which)")
         if not (self.checkpoints or self.grpo_run) or not self.benchmarks or not self.settings:
             raise ConfigError("sweep: checkpoints (or grpo_run), benchmarks and settings must each list at least one "
                               "entry")

@@ -143,6 +143,36 @@ class RolloutDumpConfig:
 
 
 @dataclasses.dataclass
+class ValidationConfig:
+    """Validation during training (jobs/grpo_validation.py): a fixed held-out prompt set, sampled with the same
+    seeds every time by the run's own actors and scored by the run's rewards; before the first step, every
+    ``every`` steps and after the last. Figures: ``val/<reward>/mean`` and ``val/reward_mean`` in the metrics row
+    of the step whose policy they measure (step s: the policy after s updates, which step s samples from)."""
+
+    every: int = 0  # steps between validations; 0 = none (held-out prompts are still held out)
+    holdout: int = 0  # prompts of data.path held out of training (chosen with data.seed), never trained on
+    prompt_file: str = ""  # or: a JSONL / YAML mix of validation prompts (data.path's format); "" = holdout
+    num_generations: int = 4  # samples per prompt
+    seed: int = 1234  # the samples' fixed seeds derive from it (the same at every validation)
+    temperature: float = 0.0  # 0 = grpo.temperature (the distribution the run trains on)
+    at_start: bool = True  # also validate the starting policy (step 0, before any update)
+
+    def __post_init__(self):
+        if self.every < 0 or self.holdout < 0 or self.num_generations < 1 or self.temperature < 0:
+            raise ConfigError("validation: every and holdout must be >= 0, num_generations >= 1 and temperature "
+                              ">= 0 (0 = grpo.temperature)")
+        if self.holdout and self.prompt_file:
+            raise ConfigError(f"validation.holdout={self.holdout} and validation.prompt_file={self.prompt_file!r}: "
+                              "choose one source of validation prompts")
+        if self.prompt_file and not self.prompt_file.endswith((".jsonl", ".yaml", ".yml")):
+            raise ConfigError(f"validation.prompt_file={self.prompt_file!r}: must end in .jsonl (records) or "
+                              ".yaml/.yml (a mix), like data.path")
+        if self.every and not (self.holdout or self.prompt_file):
+            raise ConfigError(f"validation.every={self.every} needs validation prompts: set validation.holdout=N "
+                              "(N prompts of data.path, never trained on) or validation.prompt_file=FILE")
+
+
+@dataclasses.dataclass
 class GRPORunConfig:
     """Everything one GRPO run needs; ``configs/grpo_demo.yaml`` is the embedded CPU demo."""
 
@@ -152,6 +182,7 @@ class GRPORunConfig:
     rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
