@@ -47,7 +47,8 @@ class Parts:
         r = cfg.rollout
         self.rollout_group = ActorGroup(RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
                                         cfg.model, r)
-        self.decoder = DecoderPool(cfg.decoder)
+        # Only when some reward reads pixels: a run whose rewards all read bits (self_judge) decodes nothing.
+        self.decoder = DecoderPool(cfg.decoder) if cfg.rewards.pixel_rewards else None
         self.rewards = RewardGroup(cfg.rewards)
         self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps)
         d = cfg.data
@@ -99,6 +100,8 @@ class Parts:
         m["rollout/weight_version"] = min(r.weight_version for r in batch.rollouts)
         with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
             images = self.decode(batch)
+        if self.decoder is None:  # every reward reads bits: no decoder, nothing decoded
+            m["time/decode"] = 0.0
         with timed(m, "score"):  # 4. rewards in parallel, routed by task, weighted nansum
             self.score(batch, images, m)
         return batch, images, m
@@ -134,34 +137,59 @@ class Parts:
         return results if all(isinstance(r, Rollout) for r in results) else None
 
     # 3 --------------------------------------------------------------------------------------------------------------
+    def needs_pixels(self, batch) -> list[int]:
+        """The samples some reward reading pixels applies to (by task), not excluded already: the ones to decode."""
+        from rewards.base import applies_to
+        from rewards.router import reward_tasks
+
+        routes = [reward_tasks(self.cfg.rewards.models[name]) for name in self.cfg.rewards.pixel_rewards]
+        return [i for i, r in enumerate(batch.rollouts)
+                if not r.excluded and any(applies_to(t, r.task) for t in routes)]
+
     def decode(self, batch):
+        """One image per sample: decoded for the samples a pixel reward needs (``needs_pixels``), None for the
+        others (and for failed decodes, whose samples are then excluded)."""
         from uniar_ray.decoder.types import DecodeRequest
 
         g = self.cfg.grpo
+        images = [None] * len(batch.rollouts)
+        need = self.needs_pixels(batch) if self.decoder is not None else []
+        if not need:
+            return images
 
         def seed(r):  # see GRPORunConfig.decode_seed
             mode = self.cfg.decode_seed
             return g.seed if mode == "fixed" else batch.seeds[r.group] if mode == "group" else r.seed
 
-        results = self.decoder.decode_requests([DecodeRequest.from_rollout(r, seed=seed(r)) for r in batch.rollouts],
+        todo = [batch.rollouts[i] for i in need]
+        results = self.decoder.decode_requests([DecodeRequest.from_rollout(r, seed=seed(r)) for r in todo],
                                                upsampling_ratio=self.cfg.decode_upsampling_ratio,
                                                num_inference_steps=g.decode_num_inference_steps,
                                                guidance_scale=g.decode_cfg_scale)
-        for r, res in zip(batch.rollouts, results):
+        for i, r, res in zip(need, todo, results):
             if not res.ok:  # never a blank image in its place: the sample (and so its group) is left out
                 r.excluded = r.excluded or f"decode failed: {res.error}"
-        return [res.image if res.ok else None for res in results]
+            images[i] = res.image if res.ok else None
+        return images
 
     # 4 --------------------------------------------------------------------------------------------------------------
     def score(self, batch, images, m: dict) -> None:
-        ok = [i for i, im in enumerate(images) if im is not None]
+        """Every sample not excluded yet (a failed decode excludes), with its image (None where no pixel reward
+        applies: not decoded) and its bits packed as the Rollout carries them (for the rewards that read bits)."""
+        from rewards.base import PackedBits
+
+        ok = [i for i, r in enumerate(batch.rollouts) if not r.excluded]
         arrays = [images[i] for i in ok]
         rec = [batch.record_of(i) for i in ok]
-        routed = self.rewards.score(arrays, [x.prompt for x in rec], [x.task for x in rec], [x.metadata for x in rec])
+        bits = [PackedBits.of(batch.rollouts[i]) for i in ok] if len(self.cfg.rewards.pixel_rewards) < len(
+            self.cfg.rewards.models) else None
+        routed = self.rewards.score(arrays, [x.prompt for x in rec], [x.task for x in rec], [x.metadata for x in rec],
+                                    bits=bits)
         for j, i in enumerate(ok):
             r = batch.rollouts[i]
             r.rewards = {n: float(v[j]) for n, v in routed.per_reward.items()}
             r.reward_details = {n: {**{k: _plain(v[j]) for k, v in routed.extras.get(n, {}).items()},
+                                    **(routed.details.get(n, [None] * len(ok))[j] or {}),
                                     **({"error": routed.errors[n][j]} if routed.errors[n][j] else {})}
                                 for n in routed.per_reward}
             if routed.failed.get(j):  # a reward call failed on it: never a made-up score
@@ -214,7 +242,7 @@ class Parts:
     def close(self, join_timeout_s: float = 30.0) -> None:
         """Kill every actor first, so that a background step waiting on one fails at once instead of waiting
         (or spinning on a pool that is gone), then join that step, then release the pools."""
-        actors = [*self.rollout_group.actors, *self.decoder.actors, *self.trainer.actors,
+        actors = [*self.rollout_group.actors, *(self.decoder.actors if self.decoder else []), *self.trainer.actors,
                   *(a for pool in self.rewards.pools.values() for a in pool)]
         for a in actors:
             ray.kill(a, no_restart=True)
@@ -225,7 +253,8 @@ class Parts:
             except (FutureTimeout, CancelledError):
                 pass  # a daemon thread: it cannot keep the process alive
         self.rewards.shutdown()
-        self.decoder.shutdown()
+        if self.decoder is not None:
+            self.decoder.shutdown()
         self.trainer.shutdown()
 
 
