@@ -82,8 +82,9 @@ class RewardActor:
 
 
 def runtime_env(name: str, env: dict[str, Any]) -> dict[str, Any]:
-    """The reward's runtime_env for Ray, local py_modules / working_dir folders made absolute and checked here (a
-    clear error now instead of a worker that cannot start)."""
+    """The reward's runtime_env for Ray. Local py_modules / working_dir folders are checked here (a clear error now
+    instead of a worker that cannot start) and uploaded to the cluster, as ``ray.init`` does for a job's own: Ray
+    takes only URIs in an actor's runtime_env."""
     env = dict(env)
 
     def local(path: str, key: str) -> str:
@@ -99,6 +100,22 @@ def runtime_env(name: str, env: dict[str, Any]) -> dict[str, Any]:
         env["py_modules"] = [local(m, "py_modules") if isinstance(m, str) else m for m in env["py_modules"]]
     if isinstance(env.get("working_dir"), str):
         env["working_dir"] = local(env["working_dir"], "working_dir")
+    return _upload_local_folders(env)
+
+
+def _upload_local_folders(env: dict[str, Any]) -> dict[str, Any]:
+    """Local folders -> gcs:// URIs (Ray's own upload for a job's runtime_env; a private API, hence the checks)."""
+    import inspect
+    import tempfile
+
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    scratch = node.get_runtime_env_dir_path() if node is not None else tempfile.mkdtemp(prefix="uniar-reward-env-")
+    for upload in (upload_py_modules_if_needed, upload_working_dir_if_needed):
+        extra = {"include_gitignore": True} if "include_gitignore" in inspect.signature(upload).parameters else {}
+        env = upload(env, scratch_dir=scratch, logger=logger, **extra)
     return env
 
 
