@@ -84,7 +84,12 @@ class SelfJudgeReward:
         from uniar_ray.bits import BitsFile
 
         files = [BitsFile(b.unpack(), b.ar_height, b.ar_width, q) for b, q in zip(bits, questions)]
-        inputs = self.processor(list(questions), bits=files)
+        return self.yes_no(self.processor(list(questions), bits=files))
+
+    @torch.no_grad()
+    def yes_no(self, inputs) -> tuple[np.ndarray, np.ndarray]:
+        """(log P(yes), log P(no)) [B] of the first answer token for ``ChatInputs`` (bits or pixels: the pixel
+        path is how ``perf/rewards.py`` compares this with decode + judging the pixels)."""
         logp = torch.log_softmax(self.policy.text_logits(**inputs.model_kwargs())[:, -1].double(), dim=-1)
         return (torch.logsumexp(logp[:, self.yes_ids], -1).cpu().numpy(),
                 torch.logsumexp(logp[:, self.no_ids], -1).cpu().numpy())

@@ -123,6 +123,8 @@ def test_config_class_key_runtime_env_and_fields_only_some_rewards_read(tmp_path
         ({"x": {"class": "no_colon"}}, r"expected package.module:ClassName"),
         ({"x": {"class": "a:B", "runtime_env": {"pipp": []}}}, r"unknown key\(s\) \['pipp'\]"),
         ({"x": {"backend": "http"}}, r"needs url: http://"),
+        ({"x": {"backend": "http", "url": "http://h/", "request_timeout_s": 300}}, r"3 tries of request_timeout_s=300 "
+         r"and their backoff take up to 915 s, over the call's timeout_s=600"),
         ({"x": {"kind": "http"}}, r"kind http needs backend: http"),
         ({"ocr": {"image_format": "gif"}}, r"image_format='gif'"),
         ({"ocr": {"image_format": "png", "jpeg_quality": 80}}, r"only read with image_format: jpeg"),

@@ -144,6 +144,11 @@ class RewardSpec:
             out.append(f"{key}.jpeg_quality={self.jpeg_quality}: only read with image_format: jpeg")
         if self.backend == "http" and not self.url.startswith(("http://", "https://")):
             out.append(f"{key}.url={self.url!r}: backend http needs url: http://host:port/path")
+        worst = (self.retries + 1) * self.request_timeout_s + self.retry_backoff_s * self.retries * (self.retries + 1) / 2
+        if self.backend == "http" and worst > self.timeout_s:
+            out.append(f"{key}: {self.retries + 1} tries of request_timeout_s={self.request_timeout_s:g} and their "
+                       f"backoff take up to {worst:g} s, over the call's timeout_s={self.timeout_s:g}: lower "
+                       "request_timeout_s or retries, or raise timeout_s")
         if self.backend == "http" and (self.class_path or self.inputs == "bits"):
             out.append(f"{key}: backend http sends images; it cannot be a class or read bits")
         if self.backend == "vllm" and self.kind != "judge":
