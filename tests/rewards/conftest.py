@@ -72,7 +72,6 @@ class RewardServer:
 
         from PIL import Image
 
-        n = len(body["images"])
         with self.lock:
             count = len(self.requests)
         if self.mode == "hang":

@@ -118,7 +118,8 @@ class RewardSpec:
         if self.runtime_env is not None:
             bad = sorted(set(self.runtime_env) - set(RUNTIME_ENV_KEYS))
             if bad:
-                raise ConfigError(f"reward.runtime_env: unknown key(s) {bad}; Ray's keys: {', '.join(RUNTIME_ENV_KEYS)}")
+                raise ConfigError(f"reward.runtime_env: unknown key(s) {bad}; Ray's keys: "
+                                  f"{', '.join(RUNTIME_ENV_KEYS)}")
         if self.kind:
             self._resolve()
 
@@ -144,9 +145,10 @@ class RewardSpec:
             out.append(f"{key}.jpeg_quality={self.jpeg_quality}: only read with image_format: jpeg")
         if self.backend == "http" and not self.url.startswith(("http://", "https://")):
             out.append(f"{key}.url={self.url!r}: backend http needs url: http://host:port/path")
-        worst = (self.retries + 1) * self.request_timeout_s + self.retry_backoff_s * self.retries * (self.retries + 1) / 2
+        tries = self.retries + 1
+        worst = tries * self.request_timeout_s + self.retry_backoff_s * self.retries * tries / 2  # sum of k x backoff
         if self.backend == "http" and worst > self.timeout_s:
-            out.append(f"{key}: {self.retries + 1} tries of request_timeout_s={self.request_timeout_s:g} and their "
+            out.append(f"{key}: {tries} tries of request_timeout_s={self.request_timeout_s:g} and their "
                        f"backoff take up to {worst:g} s, over the call's timeout_s={self.timeout_s:g}: lower "
                        "request_timeout_s or retries, or raise timeout_s")
         if self.backend == "http" and (self.class_path or self.inputs == "bits"):
