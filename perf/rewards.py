@@ -103,12 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
+    if args.self_judge:
+        return self_judge_vs_decode(args)
     if args.quick:
         args.batch, args.size, args.repeats = 4, 256, 1
     logging.basicConfig(level=logging.WARNING)
-    if args.self_judge:
-        return self_judge_vs_decode(args)
-    os.environ.setdefault("UNIAR_TINY_DIR", os.path.join(tempfile.gettempdir(), "uniar_tiny_rewards"))
 
     import ray
 
@@ -192,6 +191,9 @@ def spearman(a, b) -> float:
 
 
 def self_judge_vs_decode(args) -> dict:
+    if args.quick:
+        args.batch, args.size, args.repeats = 4, 256, 1
+    logging.basicConfig(level=logging.WARNING)
     import numpy as np
     import torch
     from pathlib import Path
