@@ -30,7 +30,7 @@ import ray
 
 from actors.group import ActorGroup, split_even
 from rewards.base import ImageLimits, RewardOutput, RewardScores, encode_png, scatter, score_checked
-from rewards.base import ImageCodec, PackedBits  # noqa: I001 - apart from the line above, for clean merges
+from rewards.base import ImageCodec, PackedBits
 from rewards.router import RoutedScores, build_reward, combine, reward_tasks, route
 from uniar_ray.config import RewardConfig, RewardSpec
 
