@@ -57,6 +57,7 @@ def outside_module(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_class_server_and_self_judge_score_a_step_decoding_only_what_pixels_need(ray_local, tmp_path, outside_module,
                                                                                  reward_server):
     tasks = json.dumps(PIXEL_TASKS)
