@@ -48,7 +48,7 @@ class Parts:
         self.rollout_group = ActorGroup(RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
                                         cfg.model, r)
         # Only when some reward reads pixels: a run whose rewards all read bits (self_judge) decodes nothing.
-        self.decoder = DecoderPool(cfg.decoder) if cfg.rewards.pixel_rewards else None
+        self.decoder = DecoderPool(cfg.decoder) if cfg.rewards.pixel_rewards else NoDecoder()
         self.rewards = RewardGroup(cfg.rewards)
         self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps)
         d = cfg.data
@@ -100,7 +100,7 @@ class Parts:
         m["rollout/weight_version"] = min(r.weight_version for r in batch.rollouts)
         with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
             images = self.decode(batch)
-        if self.decoder is None:  # every reward reads bits: no decoder, nothing decoded
+        if not self.cfg.rewards.pixel_rewards:  # every reward reads bits: no decoder, nothing decoded
             m["time/decode"] = 0.0
         with timed(m, "score"):  # 4. rewards in parallel, routed by task, weighted nansum
             self.score(batch, images, m)
@@ -137,23 +137,14 @@ class Parts:
         return results if all(isinstance(r, Rollout) for r in results) else None
 
     # 3 --------------------------------------------------------------------------------------------------------------
-    def needs_pixels(self, batch) -> list[int]:
-        """The samples some reward reading pixels applies to (by task), not excluded already: the ones to decode."""
-        from rewards.base import applies_to
-        from rewards.router import reward_tasks
-
-        routes = [reward_tasks(self.cfg.rewards.models[name]) for name in self.cfg.rewards.pixel_rewards]
-        return [i for i, r in enumerate(batch.rollouts)
-                if not r.excluded and any(applies_to(t, r.task) for t in routes)]
-
     def decode(self, batch):
-        """One image per sample: decoded for the samples a pixel reward needs (``needs_pixels``), None for the
+        """One image per sample: decoded for the samples a pixel reward needs (``pixel_samples``), None for the
         others (and for failed decodes, whose samples are then excluded)."""
         from uniar_ray.decoder.types import DecodeRequest
 
         g = self.cfg.grpo
         images = [None] * len(batch.rollouts)
-        need = self.needs_pixels(batch) if self.decoder is not None else []
+        need = pixel_samples(self.cfg, batch)
         if not need:
             return images
 
@@ -242,7 +233,7 @@ class Parts:
     def close(self, join_timeout_s: float = 30.0) -> None:
         """Kill every actor first, so that a background step waiting on one fails at once instead of waiting
         (or spinning on a pool that is gone), then join that step, then release the pools."""
-        actors = [*self.rollout_group.actors, *(self.decoder.actors if self.decoder else []), *self.trainer.actors,
+        actors = [*self.rollout_group.actors, *self.decoder.actors, *self.trainer.actors,
                   *(a for pool in self.rewards.pools.values() for a in pool)]
         for a in actors:
             ray.kill(a, no_restart=True)
@@ -253,9 +244,26 @@ class Parts:
             except (FutureTimeout, CancelledError):
                 pass  # a daemon thread: it cannot keep the process alive
         self.rewards.shutdown()
-        if self.decoder is not None:
-            self.decoder.shutdown()
+        self.decoder.shutdown()
         self.trainer.shutdown()
+
+
+class NoDecoder:
+    """The decoder pool of a run whose rewards all read bits: no actors, nothing to decode."""
+
+    actors: tuple = ()
+
+    def shutdown(self) -> None:
+        pass
+
+
+def pixel_samples(cfg: GRPORunConfig, batch) -> list[int]:
+    """The samples some reward reading pixels applies to (by task), not excluded already: the ones to decode."""
+    from rewards.base import applies_to
+    from rewards.router import reward_tasks
+
+    routes = [reward_tasks(cfg.rewards.models[name]) for name in cfg.rewards.pixel_rewards]
+    return [i for i, r in enumerate(batch.rollouts) if not r.excluded and any(applies_to(t, r.task) for t in routes)]
 
 
 def _plain(value):

@@ -110,7 +110,7 @@ def test_self_judge_alone_starts_no_decoder(ray_local, tmp_path, monkeypatch):
     assert cfg.rewards.models["self_judge"].model_path == "tiny"  # the policy's own (no ref_model_path set)
     parts = job.Parts(cfg)
     try:
-        assert parts.decoder is None
+        assert not parts.decoder.actors
         m, _ = job.grpo_step(cfg, parts, 0, None)
     finally:
         parts.close()
