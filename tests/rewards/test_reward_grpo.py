@@ -94,7 +94,6 @@ def test_class_server_and_self_judge_score_a_step_decoding_only_what_pixels_need
             assert math.isnan(r.rewards["green"]) and math.isnan(r.rewards["srv"])
 
 
-@pytest.mark.slow
 def test_self_judge_alone_starts_no_decoder(ray_local, tmp_path, monkeypatch):
     import actors.decoder_pool
 
@@ -119,7 +118,6 @@ def test_self_judge_alone_starts_no_decoder(ray_local, tmp_path, monkeypatch):
     assert all(0.0 < r.rewards["self_judge"] < 1.0 for r in parts.last_batch.rollouts)
 
 
-@pytest.mark.slow
 def test_server_down_stops_the_run_naming_reward_and_url(ray_local, tmp_path, dead_url):
     with pytest.raises(SystemExit) as stop:
         job.main(["--config", "configs/grpo_demo.yaml", *FAST, "steps=3", f"run_dir={tmp_path / 'run'}",
