@@ -52,7 +52,8 @@ class Parts:
         self.colocated = r.placement == "colocated"
         self.rollout_group = None if self.colocated else ActorGroup(
             RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}, cfg.model, r)
-        self.decoder = DecoderPool(cfg.decoder)
+        # Only when some reward reads pixels: a run whose rewards all read bits (self_judge) decodes nothing.
+        self.decoder = DecoderPool(cfg.decoder) if cfg.rewards.pixel_rewards else NoDecoder()
         self.rewards = RewardGroup(cfg.rewards)
         self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps, rollout=r)
         # the weights the engines sample with (rollout.weight_sync; colocated: a version count)
@@ -134,6 +135,8 @@ class Parts:
         m["rollout/weight_version"] = min(r.weight_version for r in batch.rollouts)
         with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
             images = self.decode(batch)
+        if not self.cfg.rewards.pixel_rewards:  # every reward reads bits: no decoder, nothing decoded
+            m["time/decode"] = 0.0
         with timed(m, "score"):  # 4. rewards in parallel, routed by task, weighted nansum
             self.score(batch, images, m)
         return batch, images, m
@@ -170,33 +173,49 @@ class Parts:
 
     # 3 --------------------------------------------------------------------------------------------------------------
     def decode(self, batch):
+        """One image per sample: decoded for the samples a pixel reward needs (``pixel_samples``), None for the
+        others (and for failed decodes, whose samples are then excluded)."""
         from uniar_ray.decoder.types import DecodeRequest
 
         g = self.cfg.grpo
+        images = [None] * len(batch.rollouts)
+        need = pixel_samples(self.cfg, batch)
+        if not need:
+            return images
 
         def seed(r):  # see GRPORunConfig.decode_seed
             mode = self.cfg.decode_seed
             return g.seed if mode == "fixed" else batch.seeds[r.group] if mode == "group" else r.seed
 
-        results = self.decoder.decode_requests([DecodeRequest.from_rollout(r, seed=seed(r)) for r in batch.rollouts],
+        todo = [batch.rollouts[i] for i in need]
+        results = self.decoder.decode_requests([DecodeRequest.from_rollout(r, seed=seed(r)) for r in todo],
                                                upsampling_ratio=self.cfg.decode_upsampling_ratio,
                                                num_inference_steps=g.decode_num_inference_steps,
                                                guidance_scale=g.decode_cfg_scale)
-        for r, res in zip(batch.rollouts, results):
+        for i, r, res in zip(need, todo, results):
             if not res.ok:  # never a blank image in its place: the sample (and so its group) is left out
                 r.excluded = r.excluded or f"decode failed: {res.error}"
-        return [res.image if res.ok else None for res in results]
+            images[i] = res.image if res.ok else None
+        return images
 
     # 4 --------------------------------------------------------------------------------------------------------------
     def score(self, batch, images, m: dict) -> None:
-        ok = [i for i, im in enumerate(images) if im is not None]
+        """Every sample not excluded yet (a failed decode excludes), with its image (None where no pixel reward
+        applies: not decoded) and its bits packed as the Rollout carries them (for the rewards that read bits)."""
+        from rewards.base import PackedBits
+
+        ok = [i for i, r in enumerate(batch.rollouts) if not r.excluded]
         arrays = [images[i] for i in ok]
         rec = [batch.record_of(i) for i in ok]
-        routed = self.rewards.score(arrays, [x.prompt for x in rec], [x.task for x in rec], [x.metadata for x in rec])
+        bits = [PackedBits.of(batch.rollouts[i]) for i in ok] if len(self.cfg.rewards.pixel_rewards) < len(
+            self.cfg.rewards.models) else None
+        routed = self.rewards.score(arrays, [x.prompt for x in rec], [x.task for x in rec], [x.metadata for x in rec],
+                                    bits=bits)
         for j, i in enumerate(ok):
             r = batch.rollouts[i]
             r.rewards = {n: float(v[j]) for n, v in routed.per_reward.items()}
             r.reward_details = {n: {**{k: _plain(v[j]) for k, v in routed.extras.get(n, {}).items()},
+                                    **(routed.details.get(n, [None] * len(ok))[j] or {}),
                                     **({"error": routed.errors[n][j]} if routed.errors[n][j] else {})}
                                 for n in routed.per_reward}
             if routed.failed.get(j):  # a reward call failed on it: never a made-up score
@@ -259,6 +278,24 @@ class Parts:
         self.rewards.shutdown()
         self.decoder.shutdown()
         self.trainer.shutdown()
+
+
+class NoDecoder:
+    """The decoder pool of a run whose rewards all read bits: no actors, nothing to decode."""
+
+    actors: tuple = ()
+
+    def shutdown(self) -> None:
+        pass
+
+
+def pixel_samples(cfg: GRPORunConfig, batch) -> list[int]:
+    """The samples some reward reading pixels applies to (by task), not excluded already: the ones to decode."""
+    from rewards.base import applies_to
+    from rewards.router import reward_tasks
+
+    routes = [reward_tasks(cfg.rewards.models[name]) for name in cfg.rewards.pixel_rewards]
+    return [i for i, r in enumerate(batch.rollouts) if not r.excluded and any(applies_to(t, r.task) for t in routes)]
 
 
 def _plain(value):

@@ -81,17 +81,18 @@ class JudgeReward:
     name = "judge"
     tasks = None
 
-    def __init__(self, backend: JudgeBackend, missing: str = "nan"):
+    def __init__(self, backend: JudgeBackend, missing: str = "zero"):
         self.backend, self.missing = backend, missing
 
     @classmethod
     def from_spec(cls, spec) -> JudgeReward:
         if spec.backend == "vllm":
             backend: JudgeBackend = VLLMJudge(spec.model_path, spec.max_new_tokens,
-                                              tensor_parallel_size=max(1, int(spec.num_gpus)))
+                                              tensor_parallel_size=max(1, int(spec.num_gpus)),
+                                              trust_remote_code=spec.trust_remote_code)
         else:
             backend = TransformersJudge(spec.model_path, spec.device, spec.dtype, spec.batch_size,
-                                        spec.max_new_tokens)
+                                        spec.max_new_tokens, trust_remote_code=spec.trust_remote_code)
         return cls(backend, spec.missing_score)
 
     def score(self, batch: RewardBatch) -> RewardScores:
@@ -127,15 +128,16 @@ class TransformersJudge:
     transformers' Qwen-VL *processor* insists on a video processor, which needs torchvision."""
 
     def __init__(self, path: str, device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
-                 max_new_tokens: int = 256):
+                 max_new_tokens: int = 4096, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
         from rewards.clip import DTYPES, load_image_processor
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
         self.image_processor = load_image_processor(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype],
+                                                                 trust_remote_code=trust_remote_code).to(device).eval()
         self.template = _chat_template(Path(path), self.tokenizer)
         self.device, self.batch_size, self.max_new_tokens = torch.device(device), batch_size, max_new_tokens
 
@@ -183,13 +185,16 @@ def _chat_template(folder: Path, tokenizer) -> str | None:
 class VLLMJudge:
     """vLLM offline engine on GPU (the reference serves the UnifiedReward Qwen-VL judge with ``vllm serve``; here
     the engine lives in the reward actor, no HTTP). One ``LLM.chat`` call per batch: vLLM batches internally.
-    Images go in as PIL (lossless; the reference sends JPEG quality 95). Not runnable on the CPU machines."""
+    Images go in as PIL, after the reward actor's JPEG round trip (quality 95 by default, as the reference sent
+    them). ``trust_remote_code`` only when the config asks (``rewards.models.judge.trust_remote_code``). Not
+    runnable on the CPU machines."""
 
-    def __init__(self, path: str, max_new_tokens: int = 256, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.8, max_model_len: int | None = 8192):
+    def __init__(self, path: str, max_new_tokens: int = 4096, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.8, max_model_len: int | None = 8192,
+                 trust_remote_code: bool = False):
         from vllm import LLM, SamplingParams  # GPU machines only
 
-        self.llm = LLM(model=path, trust_remote_code=True, tensor_parallel_size=tensor_parallel_size,
+        self.llm = LLM(model=path, trust_remote_code=trust_remote_code, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                        limit_mm_per_prompt={"image": 1}, enable_prefix_caching=True)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from rewards.base import RewardBatch, RewardModel, RewardOutput, applies_to, run_reward
+from rewards.base import RewardBatch, RewardModel, RewardOutput, applies_to, reads_bits, run_reward
 from uniar_ray.config import RewardConfig, RewardSpec
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class RoutedScores:
     failed: dict[int, list[str]]
     metrics: dict[str, float]
     extras: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    details: dict[str, list[dict | None]] = dataclasses.field(default_factory=dict)  # name -> [B] JSON objects
 
     def matrix(self) -> np.ndarray:
         """[B, F] in ``weights`` order (the reference's ``rewards_per_func``)."""
@@ -94,7 +95,8 @@ def combine(outputs: Mapping[str, RewardOutput], weights: Mapping[str, float]) -
         "reward/failed": float(len(failed)),
     })
     return RoutedScores({k: outputs[k].scores for k in names}, {k: outputs[k].errors for k in names}, dict(weights),
-                        total, valid, unscored, failed, metrics, {k: outputs[k].extras for k in names})
+                        total, valid, unscored, failed, metrics, {k: outputs[k].extras for k in names},
+                        {k: outputs[k].details or [None] * n for k in names})
 
 
 class RewardRouter:
@@ -113,13 +115,46 @@ class RewardRouter:
         return combine(outputs, self.weights)
 
 
+def load_class(path: str):
+    """``package.module:ClassName`` -> the class, imported here (in a reward actor: in its runtime_env)."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"class {path}: cannot import {module_name} ({e}); is it installed in this reward's "
+                          "environment (runtime_env py_modules / pip)?") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"class {path}: module {module_name} ({getattr(module, '__file__', '?')}) has no "
+                          f"{attr}") from None
+
+
 def build_reward(name: str, spec: RewardSpec) -> RewardModel:
     """Make one reward from its spec (heavy imports happen here, inside the process that owns the reward)."""
     from rewards.tiny import resolve
 
     kind = spec.kind or name
     tasks = reward_tasks(dataclasses.replace(spec, kind=kind))
-    if kind == "ocr":
+    if spec.class_path:
+        model = load_class(spec.class_path)(**spec.options)
+        if reads_bits(model) != spec.reads_bits:
+            raise TypeError(f"reward {name}: class {spec.class_path} reads {'bits' if reads_bits(model) else 'pixels'}"
+                            f" (its inputs attribute) but the config says inputs: {spec.inputs}")
+        if not callable(getattr(model, "score", None)):
+            raise TypeError(f"reward {name}: class {spec.class_path} has no score(batch) method "
+                            "(see rewards/base.py RewardModel)")
+    elif spec.backend == "http":
+        from rewards.http import HttpReward
+
+        model = HttpReward.from_spec(name, spec)
+    elif kind == "self_judge":
+        from rewards.self_judge import SelfJudgeReward
+
+        model = SelfJudgeReward.from_spec(spec)
+    elif kind == "ocr":
         from rewards.ocr import OcrReward
 
         model: RewardModel = OcrReward()
@@ -147,6 +182,18 @@ def build_reward(name: str, spec: RewardSpec) -> RewardModel:
     model.name = name
     model.tasks = tasks
     return model
+
+
+def required_paths(spec: RewardSpec) -> list[str]:
+    """The local files and folders a reward needs on the machines its actors run on (checked before a run starts):
+    model folders and checkpoints (not ``tiny``), and the local folders of its runtime_env (py_modules entries and
+    working_dir that are not URIs). Cheap: reads nothing."""
+    paths = [p for p in (spec.model_path, spec.clip_path, spec.checkpoint) if p and p not in ("tiny", "tiny-detr")]
+    env = spec.runtime_env or {}
+    local = [m for m in env.get("py_modules", []) if isinstance(m, str) and "://" not in m]
+    if isinstance(env.get("working_dir"), str) and "://" not in env["working_dir"]:
+        local.append(env["working_dir"])
+    return paths + local
 
 
 def build_router(cfg: RewardConfig) -> RewardRouter:

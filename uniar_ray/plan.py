@@ -218,9 +218,14 @@ def decoder_memory(cfg: Any) -> tuple[dict[str, float], str]:
     return {"weights": DECODER_PARAMS_ASSUMED * b / GIB}, f"decoder.path not readable here: assumed {DECODER_PARAMS_ASSUMED / 1e9:.1f}B parameters"
 
 
-def reward_memory(spec: Any) -> tuple[dict[str, float], str]:
-    if spec.kind in ("brightness", "target_color"):
+def reward_memory(spec: Any, policy_params: int = 0) -> tuple[dict[str, float], str]:
+    """``policy_params``: the policy's parameter count (self_judge is a copy of it)."""
+    if spec.kind in ("brightness", "target_color") or spec.backend == "http":
         return {"weights": 0.0}, ""
+    if spec.class_path:  # your own class: its memory is unknown here
+        return {"weights": 0.0}, f"class {spec.class_path}: memory unknown, counted as 0"
+    if spec.kind == "self_judge" and spec.model_path != "tiny" and folder_gib(spec.model_path) is None:
+        return {"weights": policy_params * (4 if spec.dtype == "float32" else 2) / GIB}, ""
     if spec.model_path in ("", "tiny"):  # OCR (rapidocr's small ONNX models) or a tiny seeded model
         return {"weights": 0.01}, ""
     found = folder_gib(spec.model_path)
@@ -293,9 +298,10 @@ def needs(cfg: Any) -> tuple[list[Need], list[str]]:
             for i in range(r.num_actors)]
     dec, note = decoder_memory(cfg)
     notes += [note] if note else []
-    out += [Need(f"decoder {i}", d.num_cpus, d.num_gpus, dict(dec), d.num_gpus > 0) for i in range(d.num_actors)]
+    if getattr(cfg.rewards, "pixel_rewards", True):  # no decoder when every reward reads bits
+        out += [Need(f"decoder {i}", d.num_cpus, d.num_gpus, dict(dec), d.num_gpus > 0) for i in range(d.num_actors)]
     for name, spec in cfg.rewards.models.items():
-        mem, note = reward_memory(spec)
+        mem, note = reward_memory(spec, total)
         notes += [f"reward {name}: {note}"] if note else []
         out += [Need(f"reward {name} {i}", spec.num_cpus, spec.num_gpus, dict(mem), spec.num_gpus > 0)
                 for i in range(spec.num_actors)]

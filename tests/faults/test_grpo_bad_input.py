@@ -32,6 +32,9 @@ def argv(tmp_path, *overrides):
     ("model.device=gpu", "command line: model.device='gpu': expected cpu, cuda or cuda:N"),
     ("model.device=cuda:one", "command line: model.device='cuda:one': expected cpu, cuda or cuda:N"),
     ("data.prompt_overflow=drop", "data.prompt_overflow='drop': expected one of truncate, error"),
+    ("rewards.models.target_color.url=http://h/", "command line: rewards.models.target_color.url: only read by "
+                                                  "backend http"),
+    ("rewards.models.mine.class=no_colon", "rewards.models.mine.class='no_colon': expected package.module:ClassName"),
 ])
 def test_config_problem_exits_2_before_anything_starts(run_job, tmp_path, override, line):
     code, err = run_job(grpo_job.main, "grpo", argv(tmp_path, override))

@@ -43,8 +43,10 @@ def test_synchronous_steps_are_on_policy_without_engine_actors(ray_local):
 def test_one_step_mode_samples_one_update_behind(ray_local, tmp_path):
     path = job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path / 'run'}", *FAST, "steps=3",
                      "async_mode=one_step"])
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    rows = [m for m in lines if "reward_mean" in m]  # training steps; the final validation has a row of its own
     assert [m["step"] for m in rows] == [0, 1, 2]
+    assert "val/reward_mean" in rows[0] and lines[-1]["step"] == 3  # validation samples on the ranks too
     # step k+1 is submitted to the ranks before step k's update, and they run calls in order
     assert [m["rollout/weight_version"] for m in rows] == [0, 0, 1]
     assert rows[2]["train/sampling/sampling_logp_difference/max"] > 1e-4  # stale by one update, as designed

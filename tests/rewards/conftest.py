@@ -49,3 +49,101 @@ def render_text():
         return np.asarray(img)
 
     return render
+
+
+class RewardServer:
+    """A reward server on 127.0.0.1 speaking the JSON protocol of rewards/http.py, for the tests. ``mode``:
+    ok (score = mean pixel / 255, details with the prompt and task), http500, wrong_count, not_json, hang (answers
+    only when the test ends: a client must time out), fail_first (503 on the first ``fail_first`` requests, then ok).
+    ``barrier``: every request waits for that many in flight (a concurrency check that needs no timing)."""
+
+    def __init__(self):
+        import threading
+
+        self.mode, self.fail_first, self.barrier = "ok", 0, None
+        self.requests: list[dict] = []
+        self.lock, self.release = threading.Lock(), threading.Event()
+        self.in_flight = self.max_in_flight = 0
+
+    def answer(self, body: dict) -> tuple[int, bytes]:
+        import base64
+        import io
+        import json
+
+        from PIL import Image
+
+        with self.lock:
+            count = len(self.requests)
+        if self.mode == "hang":
+            self.release.wait(120)
+        if self.mode == "http500" or (self.mode == "fail_first" and count <= self.fail_first):
+            return (500 if self.mode == "http500" else 503), b"Traceback: boom\nline 2"
+        if self.mode == "not_json":
+            return 200, b"<html>oops</html>"
+        means = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")).mean() / 255
+                 for b in body["images"]]
+        scores = [None if t == "skip" else m for m, t in zip(means, body["tasks"])]
+        details = [{"prompt": p, "task": t, "format": base64.b64decode(b)[:4].hex()}
+                   for p, t, b in zip(body["prompts"], body["tasks"], body["images"])]
+        if self.mode == "wrong_count":
+            scores = scores[:-1]
+        return 200, json.dumps({"scores": scores, "details": details}).encode()
+
+
+@pytest.fixture
+def reward_server():
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = RewardServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state.lock:
+                state.requests.append({"body": body, "auth": self.headers.get("Authorization"),
+                                       "path": self.path})
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            try:
+                if state.barrier is not None:
+                    state.barrier.wait(30)
+                code, payload = state.answer(body)
+            finally:
+                with state.lock:
+                    state.in_flight -= 1
+            try:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/score"
+    yield state
+    state.release.set()
+    if state.barrier is not None:
+        state.barrier.abort()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def dead_url():
+    """A URL on 127.0.0.1 where nothing listens (the port was just free)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/score"

@@ -62,13 +62,12 @@ def test_judge_reward_scores_failures_and_one_batched_call():
                "Alignment Score: 3\nCoherence Score: 3\nStyle Score: 3"]
     backend = ScriptedBackend(replies)
     images = [np.zeros((8, 8, 3), np.uint8)] * 3
-    out = JudgeReward(backend).score(RewardBatch(images, ["a", "b", "c"], [None] * 3, [{}] * 3))
+    out = JudgeReward(backend, missing="nan").score(RewardBatch(images, ["a", "b", "c"], [None] * 3, [{}] * 3))
     assert backend.calls == [3]
     assert out.scores[0] == 1.0 and math.isnan(out.scores[1]) and out.scores[2] == pytest.approx(0.6)
     assert out.errors[1] == "unparsable judge reply: 'garbage'"
     np.testing.assert_allclose(out.extras["alignment"], [5, np.nan, 3])
-    ref = JudgeReward(ScriptedBackend(replies), missing="zero").score(RewardBatch(images, ["a"] * 3, [None] * 3,
-                                                                                  [{}] * 3))
+    ref = JudgeReward(ScriptedBackend(replies)).score(RewardBatch(images, ["a"] * 3, [None] * 3, [{}] * 3))
     assert ref.scores[1] == 0.0 and ref.errors == [None] * 3
     with pytest.raises(RuntimeError, match="2 replies for 3"):
         JudgeReward(ScriptedBackend(replies[:2])).score(RewardBatch(images, ["a"] * 3, [None] * 3, [{}] * 3))
@@ -93,6 +92,6 @@ def test_transformers_backend_batches_like_one_by_one(tiny_models):
     grid = judge.image_processor(images=[images[1]], return_tensors="pt")["image_grid_thw"][0]
     text = judge._text("hi", grid)
     assert text.count("<|image_pad|>") == int(grid.prod()) // 4
-    out = JudgeReward(judge).score(RewardBatch(images, ["a", "b", "c"], [None] * 3, [{}] * 3))
+    out = JudgeReward(judge, missing="nan").score(RewardBatch(images, ["a", "b", "c"], [None] * 3, [{}] * 3))
     assert len(out.errors) == 3  # a random tiny judge writes no scores: each sample fails with its reply
     assert all(math.isnan(s) == (e is not None) for s, e in zip(out.scores, out.errors))

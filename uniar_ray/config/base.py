@@ -137,10 +137,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "<config>", prefi
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    aliases = getattr(cls, "YAML_ALIASES", {})  # a YAML key that cannot be a field name (e.g. `class`)
     kwargs, problems = {}, []
     for key, value in data.items():
         full = f"{prefix}{key}"
         source = _source(full, where, from_cli)
+        key = aliases.get(key, key)
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.0)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""

@@ -34,7 +34,9 @@ class GRPOConfig:
     temperature: float = 1.0
     # Advantages (spec §7.5)
     scale_rewards: str | bool = "group"  # group (True) | batch | none (False)
-    all_nan_rewards: str = "exclude"  # rows no reward applies to: exclude | zero (the reference: 0 + a warning)
+    # Rows no reward applies to: zero (the reference: they score 0, with a warning) | exclude (left out of the group
+    # statistics and the loss)
+    all_nan_rewards: str = "zero"
     # Failure budget: the job stops, naming the causes, when more than this fraction of the prompt groups was
     # excluded (failed decodes or rewards, no applicable reward) over the last failure_window steps; 1.0 = never
     max_excluded_fraction: float = 0.5
@@ -219,6 +221,11 @@ class GRPORunConfig:
                               f"evenly across trainer.world_size={per_rank}")
         if not self.rewards.models:
             raise ConfigError("rewards.models is empty: configure at least one reward")
+        for spec in self.rewards.models.values():  # the model judging its own bits: by default the KL reference
+            if spec.kind == "self_judge" and not spec.model_path:
+                spec.model_path = self.grpo.ref_model_path or self.model.path
+                if spec.model_path == "tiny":
+                    spec.tiny_seed = self.model.tiny_seed
         check_upsampling_ratio("decode_upsampling_ratio", self.decode_upsampling_ratio)
         if self.rollout.placement == "colocated" and self.trainer.zero_stage == 3:
             raise ConfigError("rollout.placement=colocated with trainer.zero_stage=3: ZeRO-3 splits every parameter "
