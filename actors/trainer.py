@@ -219,6 +219,13 @@ class TrainerActor:
                 h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
+    def check_run_folder(self, folder: str, token: str) -> tuple[str, str]:
+        """(this node's address, "" or why ``folder`` is not the driver's run folder here): the driver's marker
+        check (uniar_ray/shared_folder.py), run where this rank writes its checkpoints."""
+        from uniar_ray.shared_folder import check_marker
+
+        return ray.util.get_node_ip_address(), check_marker(folder, token)
+
 
 class TrainerGroup:
     """``world_size`` trainer actors in one placement group; the driver's view of data-parallel training."""

@@ -35,7 +35,7 @@ def timed(m: dict, stage: str):
 class Parts:
     """The actors of a run and the driver-side glue for each stage (kept out of the step so it reads as a list)."""
 
-    def __init__(self, cfg: GRPORunConfig):
+    def __init__(self, cfg: GRPORunConfig, dataset=None):
         from actors.decoder_pool import DecoderPool
         from actors.group import ActorGroup
         from actors.reward_models import RewardGroup
@@ -51,8 +51,9 @@ class Parts:
         self.rewards = RewardGroup(cfg.rewards)
         self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps)
         d = cfg.data
-        dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
-        dataset.records = check_grpo_inputs(dataset.records, cfg)  # model files, prompt and AR size limits
+        if dataset is None:  # the job passes the one uniar_ray.preflight checked before Ray started
+            dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
+            dataset.records = check_grpo_inputs(dataset.records, cfg)  # model files, prompt and AR size limits
         print(f"[grpo] data: {dataset.summary()}", flush=True)
         self.sampler = PromptSampler(dataset.records, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
         self.metrics = _Metrics()

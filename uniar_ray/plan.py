@@ -16,6 +16,7 @@ from typing import Any
 
 GIB = 2**30
 PROMPT_TOKENS = 1024  # the reference's max_prompt_length: the activation and KV figures are upper bounds
+BITS_PER_TOKEN = 4 * 4 * 64  # levels x sub-patches x BSQ bits of one image token
 ACT_BYTES_PER_HIDDEN = 34  # per token per layer, 16-bit activations, flash/SDPA attention (no s^2 term)
 # The published decoder (SD3.5-medium-sized transformer + VAE + CLIP-L/G + T5-XXL, all loaded before the text
 # encoders are dropped) when its folder is not readable from here: parameters, at the decoder's dtype.
@@ -23,6 +24,7 @@ DECODER_PARAMS_ASSUMED = 8.3e9
 # The reference's reward models, when their folders are not readable from here: UnifiedReward-2.0-qwen3vl-32b,
 # HPSv2.1 (CLIP ViT-H-14), GenEval's Mask2Former detector + CLIP ViT-L/14 colour classifier.
 REWARD_PARAMS_ASSUMED = {"judge": 33e9, "hps": 0.99e9, "pickscore": 0.99e9, "geneval": 0.65e9, "ocr": 0.0}
+GPU_MEMORY_LABEL = "gpu_memory_gib"  # autoscaler files: the node type's label with each GPU's memory in GiB
 GPU_MEMORY_BY_TYPE = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A10G": 24, "V100": 32, "T4": 16}
 
 
@@ -49,28 +51,74 @@ class Node:
 class Cluster:
     nodes: list[Node]
     source: str
+    max_workers: int | None = None  # autoscaler files: the most worker nodes running at once
+    head: str = ""  # the head node's name (not a worker), when known
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Cluster":
-        """YAML: ``nodes: [{name: train, count: 2, cpus: 96, gpus: 8, gpu_memory_gib: 80, memory_gib: 1000}]``."""
+        """A cluster described in YAML, in either form:
+        - Ray's autoscaler file (``ray up``'s cluster.yaml): every type of ``available_node_types`` counts with
+          ``max_workers`` nodes (the head type with one more), each with its ``resources`` (CPU, GPU, memory in
+          bytes) and its GPUs' memory from the label ``gpu_memory_gib`` (``labels: {gpu_memory_gib: "80"}``);
+        - ``nodes: [{name: train, count: 2, cpus: 96, gpus: 8, gpu_memory_gib: 80, memory_gib: 1000}]``."""
         import yaml
 
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise PlanError(f"--cluster-file {path}: cannot read it ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise PlanError(f"--cluster-file {path}: not valid YAML ({' '.join(str(e).split())})") from None
+        if isinstance(data, dict) and "available_node_types" in data:
+            return cls._from_autoscaler(data, str(path))
         if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not data["nodes"]:
-            raise PlanError(f"{path}: expected `nodes:` with a list of {{name, count, cpus, gpus, gpu_memory_gib, "
-                            "memory_gib}}")
+            raise PlanError(f"{path}: expected Ray's autoscaler format (available_node_types) or `nodes:` with a "
+                            "list of {name, count, cpus, gpus, gpu_memory_gib, memory_gib}")
         nodes = []
         for i, n in enumerate(data["nodes"]):
+            if not isinstance(n, dict):
+                raise PlanError(f"{path}: nodes[{i}] must be a mapping, got {n!r}")
             unknown = set(n) - {"name", "count", "cpus", "gpus", "gpu_memory_gib", "memory_gib"}
             if unknown:
                 raise PlanError(f"{path}: nodes[{i}]: unknown key(s) {sorted(unknown)}")
             if n.get("gpus", 0) and not n.get("gpu_memory_gib"):
                 raise PlanError(f"{path}: nodes[{i}] has GPUs: give gpu_memory_gib")
-            for k in range(int(n.get("count", 1))):
-                nodes.append(Node(f"{n.get('name', f'node{i}')}{k if n.get('count', 1) > 1 else ''}",
-                                  float(n.get("cpus", 0)), int(n.get("gpus", 0)), float(n.get("gpu_memory_gib", 0)),
-                                  float(n.get("memory_gib", 0))))
+            count = _number(n.get("count", 1), f"{path}: nodes[{i}].count")
+            for k in range(int(count)):
+                nodes.append(Node(f"{n.get('name', f'node{i}')}{k if count > 1 else ''}",
+                                  _number(n.get("cpus", 0), f"{path}: nodes[{i}].cpus"),
+                                  int(_number(n.get("gpus", 0), f"{path}: nodes[{i}].gpus")),
+                                  _number(n.get("gpu_memory_gib", 0), f"{path}: nodes[{i}].gpu_memory_gib"),
+                                  _number(n.get("memory_gib", 0), f"{path}: nodes[{i}].memory_gib")))
         return cls(nodes, str(path))
+
+    @classmethod
+    def _from_autoscaler(cls, data: dict, path: str) -> "Cluster":
+        types, head = data["available_node_types"], data.get("head_node_type")
+        if not isinstance(types, dict) or not types:
+            raise PlanError(f"{path}: available_node_types must map node type names to their resources")
+        if head not in types:
+            raise PlanError(f"{path}: head_node_type {head!r} is not one of available_node_types ({', '.join(types)})")
+        nodes = []
+        for name, t in types.items():
+            where = f"{path}: available_node_types.{name}"
+            res = t.get("resources") if isinstance(t, dict) else None
+            if not isinstance(res, dict):
+                raise PlanError(f"{where}: give resources (CPU, GPU, memory in bytes): the plan does not ask the cloud")
+            cpus, gpus = _number(res.get("CPU", 0), f"{where}.resources.CPU"), int(_number(res.get("GPU", 0), f"{where}.resources.GPU"))
+            label = (t.get("labels") or {}).get(GPU_MEMORY_LABEL)
+            if gpus and label is None:
+                raise PlanError(f"{where}: has {gpus} GPU(s): give their memory as labels: {{{GPU_MEMORY_LABEL}: "
+                                "\"80\"}} (GiB per GPU)")
+            if cpus and "memory" not in res:
+                raise PlanError(f"{where}: give resources.memory (the node's memory for Ray, in bytes)")
+            count = int(_number(t.get("max_workers", 0), f"{where}.max_workers")) + (name == head)
+            for k in range(count):
+                nodes.append(Node(f"{name}-{k}", cpus, gpus, _number(label or 0, f"{where}.labels.{GPU_MEMORY_LABEL}"),
+                                  _number(res.get("memory", 0), f"{where}.resources.memory") / GIB))
+        cap = data.get("max_workers")
+        source = f"{path} (each node type at its max_workers" + (f"; the cluster's max_workers: {cap})" if cap else ")")
+        return cls(nodes, source, max_workers=cap, head=f"{head}-0")
 
     @classmethod
     def detect(cls, cluster_cfg: Any) -> "Cluster":
@@ -89,7 +137,12 @@ class Cluster:
     def _from_ray(cls, address: str) -> "Cluster":
         import ray
 
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise PlanError(f"cluster.address={address}: no Ray cluster to plan on ({' '.join(str(e).split())[:200]});"
+                            " start it (ray up / ray start), run --plan on one of its nodes, or describe it with "
+                            "--cluster-file cluster.yaml") from None
         try:
             nodes = []
             for n in ray.nodes():
@@ -116,10 +169,23 @@ class Need:
     on_gpu: bool
     alt_activations: float | None = None  # activations the other way (with/without gradient checkpointing)
     node: str = ""
+    host: str = ""  # runs inside that actor's process (a colocated engine): no resources of its own
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise PlanError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise PlanError(f"{where}: expected a number, got {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise PlanError(f"{where}: expected a finite number >= 0, got {value!r}")
+    return number
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,16 +250,26 @@ def image_tokens(cfg: Any, model_cfg) -> int:
     return (cfg.ar_height // d) * (cfg.ar_width // d)
 
 
-def rollout_memory(cfg: Any, total: int, model_cfg) -> dict[str, float]:
+def rollout_memory(cfg: Any, model_cfg, rows: int) -> dict[str, float]:
+    """An engine's own memory for ``rows`` rows per batch (its weights are counted by the caller): the KV cache and
+    its working memory (one layer's prefill activations at the longest prompt, and the per-bit outputs)."""
     b = 2 if cfg.model.dtype == "bfloat16" else 4
     r, text = cfg.rollout, model_cfg.text_config
+    n = image_tokens(cfg, model_cfg)
     if r.backend == "vllm":
         kv = r.vllm_kvcache_gib
     else:  # K and V per layer (backbone + visual decoder) for every row of a batch, prompt + image
         layers = text.num_hidden_layers + model_cfg.visual_transformer_decoder_depth
-        kv = (2 * layers * text.num_key_value_heads * text.head_dim * b * r.max_batch
-              * (PROMPT_TOKENS + image_tokens(cfg, model_cfg))) / GIB
-    return {"weights": total * b / GIB, "kv cache": kv}
+        kv = 2 * layers * text.num_key_value_heads * text.head_dim * b * rows * (PROMPT_TOKENS + n) / GIB
+    prefill = rows * PROMPT_TOKENS * (4 * text.hidden_size + 3 * text.intermediate_size) * b
+    outputs = rows * n * BITS_PER_TOKEN * (4 + 1)  # float32 log-prob and a bit per sampled bit
+    return {"kv cache": kv, "engine work": (prefill + outputs) / GIB}
+
+
+def colocated_rows(cfg: Any) -> int:
+    """Rows per batch of a colocated engine: a rank rolls out its share of the step, max_batch at a time."""
+    per_rank = cfg.data.prompts_per_step * cfg.grpo.num_generations // cfg.trainer.world_size
+    return max(1, min(cfg.rollout.max_batch, per_rank))
 
 
 def folder_gib(path: str) -> float | None:
@@ -289,8 +365,19 @@ def needs(cfg: Any) -> tuple[list[Need], list[str]]:
     recompute = getattr(t, "gradient_checkpointing", False)
     out = [Need(f"trainer rank {i}", t.num_cpus, t.num_gpus, dict(parts), t.num_gpus > 0, full if recompute else ckpt)
            for i in range(t.world_size)]
-    out += [Need(f"rollout {i}", r.num_cpus, r.num_gpus, rollout_memory(cfg, total, model_cfg), r.num_gpus > 0)
-            for i in range(r.num_actors)]
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    if getattr(r, "placement", "separate") == "colocated":  # the engine runs in each rank over its own parameters
+        engine = rollout_memory(cfg, model_cfg, colocated_rows(cfg))
+        for rank in out:
+            rank.parts.update(engine)
+        out += [Need(f"rollout engine {i}", 0, 0, {}, t.num_gpus > 0, host=f"trainer rank {i}")
+                for i in range(t.world_size)]
+        notes.append(f"rollout: colocated, a torch engine inside each trainer rank over its live parameters "
+                     f"({colocated_rows(cfg)} rows per batch; its KV cache and working memory are in the rank's row)")
+    else:
+        engine = {"weights": total * b / GIB, **rollout_memory(cfg, model_cfg, r.max_batch)}
+        out += [Need(f"rollout {i}", r.num_cpus, r.num_gpus, dict(engine), r.num_gpus > 0)
+                for i in range(r.num_actors)]
     dec, note = decoder_memory(cfg)
     notes += [note] if note else []
     out += [Need(f"decoder {i}", d.num_cpus, d.num_gpus, dict(dec), d.num_gpus > 0) for i in range(d.num_actors)]
@@ -306,14 +393,18 @@ def _n(count: int) -> str:
     return f"{count / 1e9:.3g}B" if count >= 1e8 else f"{count / 1e6:.3g}M"
 
 
-def plan_run(cfg: Any, cluster: Cluster) -> str:
+def plan_run(cfg: Any, cluster: Cluster, notes: list[str] | None = None) -> str:
     """Place every actor (trainer ranks as their placement group asks) and return the table; PlanError if any
-    actor finds no room, naming it, what it needs, and the ways out."""
-    actors, notes = needs(cfg)
+    actor finds no room, naming it, what it needs, and the ways out. ``notes``: lines to print with the table (what
+    the preflight could not check from here)."""
+    actors, own = needs(cfg)
+    notes = own + list(notes or [])
     nodes = cluster.nodes
     strategy = cfg.trainer.placement_strategy
     trainers = [a for a in actors if a.role.startswith("trainer")]
     for a in actors:
+        if a.host:  # inside another actor's process: lands where that one does
+            continue
         only = None
         if a in trainers and strategy == "STRICT_PACK" and trainers[0].node:
             only = [n for n in nodes if a is not trainers[0] and n.name == trainers[0].node.split()[0]]
@@ -324,6 +415,15 @@ def plan_run(cfg: Any, cluster: Cluster) -> str:
         if node is None:
             raise PlanError(_no_room(cfg, a, cluster) + "\n\n" + table(actors, cluster, notes))
         a.node = node
+    by_role = {a.role: a for a in actors}
+    for a in actors:
+        if a.host:
+            a.node = by_role[a.host].node
+    workers = {a.node.split()[0] for a in actors if a.node} - {cluster.head}
+    if cluster.max_workers is not None and len(workers) > cluster.max_workers:
+        raise PlanError(f"does not fit: the actors need {len(workers)} worker nodes and {cluster.source} allows "
+                        f"max_workers={cluster.max_workers}; raise it, or use fewer or smaller actors\n\n"
+                        + table(actors, cluster, notes))
     return table(actors, cluster, notes)
 
 
@@ -358,17 +458,34 @@ def _no_room(cfg: Any, a: Need, cluster: Cluster) -> str:
 
 def table(actors: list[Need], cluster: Cluster, notes: list[str]) -> str:
     cols = ["actor", "node", "CPU", "GPU", "weights", "grads", "optimizer", "ref model", "activations", "act. other",
-            "kv cache", "total GiB", "where"]
+            "kv cache", "engine work", "total GiB", "where"]
+    keys = ("weights", "grads", "optimizer", "ref model", "activations")
     rows = [[a.role, a.node or "-", f"{a.cpus:g}", f"{a.gpus:g}"]
-            + [f"{a.parts[k]:.2f}" if k in a.parts else "" for k in ("weights", "grads", "optimizer", "ref model",
-                                                                        "activations")]
-            + ["" if a.alt_activations is None else f"{a.alt_activations:.2f}",
-               f"{a.parts['kv cache']:.2f}" if "kv cache" in a.parts else "", f"{a.total:.2f}",
-               "GPU" if a.on_gpu else "host"] for a in actors]
+            + [f"{a.parts[k]:.2f}" if k in a.parts else "" for k in keys]
+            + ["" if a.alt_activations is None else f"{a.alt_activations:.2f}"]
+            + [f"{a.parts[k]:.2f}" if k in a.parts else "" for k in ("kv cache", "engine work")]
+            + (["", f"in {a.host}"] if a.host else [f"{a.total:.2f}", "GPU" if a.on_gpu else "host"])
+            for a in actors]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    nodes = ", ".join(f"{n.name} ({n.cpus:g} CPU, {n.gpus} x {n.gpu_memory_gib:g} GiB GPU, {n.memory_gib:.0f} GiB)"
-                      for n in cluster.nodes)
-    head = [f"[plan] cluster: {cluster.source}: {nodes}", *(f"[plan] {n}" for n in notes),
+    head = [f"[plan] cluster: {cluster.source}: {_describe_nodes(cluster.nodes)}", *(f"[plan] {n}" for n in notes),
             "[plan] act. other = activations with gradient checkpointing the other way round"]
     return "\n".join(head + [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _describe_nodes(nodes: list[Node]) -> str:
+    """Nodes of one kind once (``gpu_8x-0..3``), in order."""
+    groups: list[list[Node]] = []
+    for n in nodes:
+        same = groups and (groups[-1][0].cpus, groups[-1][0].gpus, groups[-1][0].gpu_memory_gib,
+                           groups[-1][0].memory_gib) == (n.cpus, n.gpus, n.gpu_memory_gib, n.memory_gib)
+        if same and groups[-1][0].name.rstrip("0123456789") == n.name.rstrip("0123456789"):
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    out = []
+    for g in groups:
+        n = g[0]
+        name = n.name if len(g) == 1 else f"{n.name}..{g[-1].name[len(n.name.rstrip('0123456789')):]}"
+        out.append(f"{name} ({n.cpus:g} CPU, {n.gpus} x {n.gpu_memory_gib:g} GiB GPU, {n.memory_gib:.0f} GiB)")
+    return ", ".join(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from uniar_ray.config import feasibility
 from uniar_ray.config.base import ConfigError, check_choice, check_tree, check_upsampling_ratio
 from uniar_ray.config.model import ModelConfig
 from uniar_ray.config.rollout import RolloutConfig
@@ -148,6 +149,7 @@ class EvalConfig:
         if self.batch_size < 1 or self.preview_prompts < 0:
             raise ConfigError("eval: batch_size must be >= 1 and preview_prompts >= 0")
         check_tree(self)
+        feasibility.check(self)  # what the code would refuse later, refused now
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from uniar_ray.config import feasibility
 from uniar_ray.config.base import ConfigError, check_choice, check_tree, check_upsampling_ratio
 from uniar_ray.config.decoder import DecoderConfig
 from uniar_ray.config.model import ModelConfig
@@ -176,4 +177,5 @@ class GRPORunConfig:
             raise ConfigError("rewards.models is empty: configure at least one reward")
         check_upsampling_ratio("decode_upsampling_ratio", self.decode_upsampling_ratio)
         check_tree(self)
+        feasibility.check(self)  # what the code would refuse later, refused now
 
