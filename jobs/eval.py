@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from benchmarks.common import (
     remove_stale_temps,
 )
 from jobs import start_ray
+from uniar_ray import preflight
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
 from uniar_ray.limits import LimitError, ModelLimits, fit_prompt
 from uniar_ray.model.loading import check_weight_files
@@ -114,6 +114,7 @@ def make_plan(cfg: EvalConfig) -> Plan:
     bench = benchmarks.resolve(cfg.benchmark)
     root = model_root(cfg.model, cfg.tiny_cache)
     out_dir = Path(cfg.out_dir or f"runs/eval/{cfg.benchmark.name}").resolve()
+    preflight.eval_checks(cfg, out_dir)  # this machine against the config, and an output folder that can be made
     identity = run_identity(cfg)
     state = claim_folder(out_dir, identity, overwrite=cfg.overwrite)
     images_dir = out_dir / "images"
@@ -127,7 +128,6 @@ def make_plan(cfg: EvalConfig) -> Plan:
     resolve_components(plan.decoder_root)  # a missing decoder folder, a truncated file: here, not in a Ray actor
     for folder in {plan.model_root, plan.decoder_root}:
         check_weight_files(folder)
-    check_writable(out_dir)
     limits = ModelLimits.load(str(plan.model_root), plan.decoder_root)
     add_rows(plan, limits, start_over=state == "overwrite")
     s = plan.settings
@@ -139,13 +139,6 @@ def make_plan(cfg: EvalConfig) -> Plan:
         said = "same settings, resuming" if state == "resume" else "overwrite=true: the run with other settings deleted"
         print(f"[eval] {out_dir}: {said}", file=sys.stderr)
     return plan
-
-
-def check_writable(folder: Path) -> None:
-    """The nearest existing folder on the way to ``folder`` must be writable: found now, not after generating."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise PermissionError(13, f"cannot write there (out_dir={folder})", str(existing))
 
 
 def run_identity(cfg: EvalConfig) -> dict[str, Any]:
