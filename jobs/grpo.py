@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None):
         args.resume = str(Path(args.resume).resolve())
     if args.plan:
         return show_plan(cfg, args.cluster_file)
-    checked = preflight.grpo(cfg, resume=args.resume)  # everything that loads no weights, before Ray and the folder
+    checked = preflight.grpo(cfg)  # everything that loads no weights, before Ray and the folder
     try:
         run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
     except ckpt.ResumeError as e:

@@ -9,9 +9,10 @@ job and in ``--plan`` (one function per job).
 What is checked, by job:
 - GRPO: the config's combinations (``uniar_ray.config.feasibility``, also at load time), this machine against what
   runs on it (the driver's memory for a step; the actors' devices, packages and CPUs/GPUs when they run in an
-  embedded local Ray), the run folder, the data file or mix (every entry, path and ratio), the model's, the
+  embedded local Ray), the data file or mix (every entry, path and ratio), the model's, the
   reference's, the decoder's and every reward model's files, the prompts against ``data.max_prompt_tokens``, the AR
-  size against the model's and the decoder's config.json.
+  size against the model's and the decoder's config.json. (The run folder is checked as it is opened, also before
+  Ray: jobs/grpo_run.py.)
 - eval (``jobs.eval.make_plan``, also before Ray): the same machine checks and the output folder; make_plan adds the
   prompt file, the model and decoder files and the limits.
 - sweep: every cell's eval config, the checkpoints (``grpo_run``'s included) and the output folder.
@@ -60,7 +61,7 @@ def resolve_paths(cfg: Any) -> Any:
         rewards=dataclasses.replace(cfg.rewards, models=rewards))
 
 
-def grpo(cfg: Any, here: bool = True, resume: Any = False) -> Checked:
+def grpo(cfg: Any, here: bool = True) -> Checked:
     """Every check of a GRPO run that loads no weights. ``here``: the job, or a plan of the cluster it would run on
     (strict: what is missing is an error); False: a plan against a described cluster, whose files may live on that
     cluster only (what is missing here becomes a note; what is here is checked all the same)."""
@@ -69,9 +70,8 @@ def grpo(cfg: Any, here: bool = True, resume: Any = False) -> Checked:
     out = Checked()
     if here:
         problems = environment_problems(cfg, actors_here=not cfg.cluster.address) + driver_memory_problems(cfg)
-        if problems:
+        if problems:  # (the run folder is checked as it is opened, still before Ray: jobs/grpo_run.py)
             raise ConfigError("\n".join(problems))
-        check_output_folder(Path(resume if isinstance(resume, str) else cfg.run_dir), "run_dir")
     model_folder(cfg.model.path, "model.path")
     out.dataset = _dataset(cfg, out.notes if not here else None)
     _reward_files(cfg, out.notes if not here else None)
