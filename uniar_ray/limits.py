@@ -111,13 +111,18 @@ def check_grpo_inputs(records: list, cfg: Any, notes: list[str] | None = None) -
     d = cfg.data
     decoder_root = cfg.decoder.path if cfg.decoder.path != "tiny" else None
     ref = cfg.grpo.ref_model_path if cfg.grpo.beta else ""
-    for key, folder in (("model.path", cfg.model.path), ("grpo.ref_model_path", ref), ("decoder.path", decoder_root)):
+    for key, folder in (("model.path", cfg.model.path), ("grpo.ref_model_path", ref)):
         if folder and folder != "tiny":
-            _tolerant(check_weight_files, folder, notes=notes, what=f"{key}={folder}")
+            _tolerant(_weights_there, folder, notes=notes, what=f"{key}={folder}")
+    if decoder_root:
+        from uniar_ray.decoder.loading import resolve_components
+
+        if _tolerant(resolve_components, decoder_root, notes=notes, what=f"decoder.path={decoder_root}"):
+            check_weight_files(decoder_root)
     limits = _tolerant(ModelLimits.load, cfg.model.path, decoder_root, notes=notes, what=f"model.path={cfg.model.path}")
-    if limits is None:  # no tokenizer here: positions only, prompt lengths are checked when the job starts
-        limits = ModelLimits(None, _positions(cfg.model.path), decoder_max_side(decoder_root) if decoder_root else None)
-        notes.append("prompt lengths not checked (no tokenizer here); the job checks them before Ray starts")
+    if limits is None:  # no tokenizer here: sizes against what config.json there is; prompts when the job starts
+        positions = _tolerant(_positions, cfg.model.path, notes=notes, what=f"model.path={cfg.model.path}")
+        limits = ModelLimits(None, positions, decoder_max_side(decoder_root) if decoder_root else None)
         limits.check_ar_size(cfg.ar_height, cfg.ar_width, cfg.decode_upsampling_ratio, 0, key="ar_height/ar_width")
         return records
     out, cut, refused, longest = [], [], [], 0
@@ -151,8 +156,19 @@ def _tolerant(fn, *args, notes: list[str] | None = None, what: str = ""):
     except FileNotFoundError as e:
         if notes is None:
             raise
-        notes.append(f"{what}: not checked ({e}); the job checks it before Ray starts")
+        if not any(n.startswith(f"{what}: ") for n in notes):  # one note per file, however many checks it skips
+            notes.append(f"{what}: not checked here ({e}); the job checks it, and the prompt lengths, before Ray "
+                         "starts")
         return None
+
+
+def _weights_there(folder: str) -> None:
+    from uniar_ray.model.loading import check_weight_files
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not check_weight_files(folder):  # complete when there; none at all is a folder the actors cannot load
+        raise FileNotFoundError(f"{folder}: no *.safetensors weight files")
 
 
 def _positions(model_path: str) -> int | None:

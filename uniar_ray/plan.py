@@ -1,11 +1,12 @@
 """The placement and memory plan of a GRPO run, from its config alone (the model's config.json, no weights): where
 each actor lands and what it holds in memory, as one table; ``python -m jobs.grpo --plan`` prints it.
 
-    print(plan_run(cfg, Cluster.from_file("my_cluster.yaml")))   # PlanError (what does not fit, ways out) otherwise
+    print(plan_run(cfg, Cluster.from_file("cluster.yaml")))   # PlanError (what does not fit, ways out) otherwise
 Memory model (per process): weights; gradients and Adam state split by the ZeRO stage (Rajbhandari et al. 2020,
 mixed precision: fp32 master + m + v = 12 bytes per trainable parameter, 8 without a master copy in fp32);
 activations per micro-batch (Korthikanti et al. 2022: ~34 bytes x hidden per token per layer in 16 bit without
-recomputation; layer inputs only, plus one layer, with gradient checkpointing); the rollout KV cache.
+recomputation; layer inputs only, plus one layer, with gradient checkpointing); the rollout KV cache and the
+engine's working memory (in the trainer ranks with colocated rollout). Clusters: uniar_ray/clusters.py.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-GIB = 2**30
+from uniar_ray.clusters import GIB, Cluster, Node, PlanError  # noqa: F401 (Node, PlanError: re-exported)
+
 PROMPT_TOKENS = 1024  # the reference's max_prompt_length: the activation and KV figures are upper bounds
 BITS_PER_TOKEN = 4 * 4 * 64  # levels x sub-patches x BSQ bits of one image token
 ACT_BYTES_PER_HIDDEN = 34  # per token per layer, 16-bit activations, flash/SDPA attention (no s^2 term)
@@ -24,138 +26,8 @@ DECODER_PARAMS_ASSUMED = 8.3e9
 # The reference's reward models, when their folders are not readable from here: UnifiedReward-2.0-qwen3vl-32b,
 # HPSv2.1 (CLIP ViT-H-14), GenEval's Mask2Former detector + CLIP ViT-L/14 colour classifier.
 REWARD_PARAMS_ASSUMED = {"judge": 33e9, "hps": 0.99e9, "pickscore": 0.99e9, "geneval": 0.65e9, "ocr": 0.0}
-GPU_MEMORY_LABEL = "gpu_memory_gib"  # autoscaler files: the node type's label with each GPU's memory in GiB
-GPU_MEMORY_BY_TYPE = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A10G": 24, "V100": 32, "T4": 16}
-
-
-class PlanError(ValueError):
-    """The run does not fit the cluster (or its config cannot be planned); the message says what to change."""
-
-
-@dataclasses.dataclass
-class Node:
-    name: str
-    cpus: float
-    gpus: int
-    gpu_memory_gib: float
-    memory_gib: float
-
-    def __post_init__(self):
-        self.free_cpus = self.cpus
-        self.free_memory = self.memory_gib
-        self.gpu_free = [1.0] * self.gpus  # fraction of each GPU not yet requested
-        self.gpu_mem_free = [float(self.gpu_memory_gib)] * self.gpus
-
-
-@dataclasses.dataclass
-class Cluster:
-    nodes: list[Node]
-    source: str
-    max_workers: int | None = None  # autoscaler files: the most worker nodes running at once
-    head: str = ""  # the head node's name (not a worker), when known
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Cluster":
-        """A cluster described in YAML, in either form:
-        - Ray's autoscaler file (``ray up``'s cluster.yaml): every type of ``available_node_types`` counts with
-          ``max_workers`` nodes (the head type with one more), each with its ``resources`` (CPU, GPU, memory in
-          bytes) and its GPUs' memory from the label ``gpu_memory_gib`` (``labels: {gpu_memory_gib: "80"}``);
-        - ``nodes: [{name: train, count: 2, cpus: 96, gpus: 8, gpu_memory_gib: 80, memory_gib: 1000}]``."""
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise PlanError(f"--cluster-file {path}: cannot read it ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise PlanError(f"--cluster-file {path}: not valid YAML ({' '.join(str(e).split())})") from None
-        if isinstance(data, dict) and "available_node_types" in data:
-            return cls._from_autoscaler(data, str(path))
-        if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not data["nodes"]:
-            raise PlanError(f"{path}: expected Ray's autoscaler format (available_node_types) or `nodes:` with a "
-                            "list of {name, count, cpus, gpus, gpu_memory_gib, memory_gib}")
-        nodes = []
-        for i, n in enumerate(data["nodes"]):
-            if not isinstance(n, dict):
-                raise PlanError(f"{path}: nodes[{i}] must be a mapping, got {n!r}")
-            unknown = set(n) - {"name", "count", "cpus", "gpus", "gpu_memory_gib", "memory_gib"}
-            if unknown:
-                raise PlanError(f"{path}: nodes[{i}]: unknown key(s) {sorted(unknown)}")
-            if n.get("gpus", 0) and not n.get("gpu_memory_gib"):
-                raise PlanError(f"{path}: nodes[{i}] has GPUs: give gpu_memory_gib")
-            count = _number(n.get("count", 1), f"{path}: nodes[{i}].count")
-            for k in range(int(count)):
-                nodes.append(Node(f"{n.get('name', f'node{i}')}{k if count > 1 else ''}",
-                                  _number(n.get("cpus", 0), f"{path}: nodes[{i}].cpus"),
-                                  int(_number(n.get("gpus", 0), f"{path}: nodes[{i}].gpus")),
-                                  _number(n.get("gpu_memory_gib", 0), f"{path}: nodes[{i}].gpu_memory_gib"),
-                                  _number(n.get("memory_gib", 0), f"{path}: nodes[{i}].memory_gib")))
-        return cls(nodes, str(path))
-
-    @classmethod
-    def _from_autoscaler(cls, data: dict, path: str) -> "Cluster":
-        types, head = data["available_node_types"], data.get("head_node_type")
-        if not isinstance(types, dict) or not types:
-            raise PlanError(f"{path}: available_node_types must map node type names to their resources")
-        if head not in types:
-            raise PlanError(f"{path}: head_node_type {head!r} is not one of available_node_types ({', '.join(types)})")
-        nodes = []
-        for name, t in types.items():
-            where = f"{path}: available_node_types.{name}"
-            res = t.get("resources") if isinstance(t, dict) else None
-            if not isinstance(res, dict):
-                raise PlanError(f"{where}: give resources (CPU, GPU, memory in bytes): the plan does not ask the cloud")
-            cpus, gpus = _number(res.get("CPU", 0), f"{where}.resources.CPU"), int(_number(res.get("GPU", 0), f"{where}.resources.GPU"))
-            label = (t.get("labels") or {}).get(GPU_MEMORY_LABEL)
-            if gpus and label is None:
-                raise PlanError(f"{where}: has {gpus} GPU(s): give their memory as labels: {{{GPU_MEMORY_LABEL}: "
-                                "\"80\"}} (GiB per GPU)")
-            if cpus and "memory" not in res:
-                raise PlanError(f"{where}: give resources.memory (the node's memory for Ray, in bytes)")
-            count = int(_number(t.get("max_workers", 0), f"{where}.max_workers")) + (name == head)
-            for k in range(count):
-                nodes.append(Node(f"{name}-{k}", cpus, gpus, _number(label or 0, f"{where}.labels.{GPU_MEMORY_LABEL}"),
-                                  _number(res.get("memory", 0), f"{where}.resources.memory") / GIB))
-        cap = data.get("max_workers")
-        source = f"{path} (each node type at its max_workers" + (f"; the cluster's max_workers: {cap})" if cap else ")")
-        return cls(nodes, source, max_workers=cap, head=f"{head}-0")
-
-    @classmethod
-    def detect(cls, cluster_cfg: Any) -> "Cluster":
-        """The cluster this config would run on: the Ray cluster at ``cluster.address``, else this machine."""
-        if cluster_cfg.address:
-            return cls._from_ray(cluster_cfg.address)
-        import psutil
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if gpus else 0.0
-        cpus = cluster_cfg.num_cpus or os.cpu_count() or 1
-        return cls([Node("local", float(cpus), gpus, gpu_gib, psutil.virtual_memory().total / GIB)], "this machine")
-
-    @classmethod
-    def _from_ray(cls, address: str) -> "Cluster":
-        import ray
-
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise PlanError(f"cluster.address={address}: no Ray cluster to plan on ({' '.join(str(e).split())[:200]});"
-                            " start it (ray up / ray start), run --plan on one of its nodes, or describe it with "
-                            "--cluster-file cluster.yaml") from None
-        try:
-            nodes = []
-            for n in ray.nodes():
-                if not n.get("Alive"):
-                    continue
-                res = n["Resources"]
-                kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "")
-                gpu_gib = next((v for t, v in GPU_MEMORY_BY_TYPE.items() if t in kind.upper()), 80)
-                nodes.append(Node(n["NodeManagerAddress"], res.get("CPU", 0), int(res.get("GPU", 0)), gpu_gib,
-                                  res.get("memory", 0) / GIB))
-        finally:
-            ray.shutdown()
-        return cls(nodes, f"Ray cluster at {address} (GPU memory by accelerator type; 80 GiB if unknown)")
+# The published shapes (Qwen3-VL-8B text stack + the UniAR visual stack), for a model.path not readable here
+PUBLISHED_CONFIG = Path(__file__).resolve().parents[1] / "perf" / "configs" / "uniar_8b" / "config.json"
 
 
 @dataclasses.dataclass
@@ -176,24 +48,14 @@ class Need:
         return sum(self.parts.values())
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise PlanError(f"{where}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise PlanError(f"{where}: expected a number, got {value!r}") from None
-    if not number >= 0 or number == float("inf"):
-        raise PlanError(f"{where}: expected a finite number >= 0, got {value!r}")
-    return number
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Memory estimates
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def policy_config(model_cfg: Any):
+def policy_config(model_cfg: Any, notes: list[str] | None = None):
+    """The policy's config.json. ``notes``: a plan of a described cluster, where the checkpoint may live on that
+    cluster only; a model.path that is not here is then sized as the published UniAR-8B (noted)."""
     from uniar_ray.model.configuration import UniARConfig
     from uniar_ray.model.loading import resolve_ar_folder
     from uniar_ray.model.tiny import tiny_config
@@ -203,7 +65,11 @@ def policy_config(model_cfg: Any):
     try:
         return UniARConfig.from_pretrained(resolve_ar_folder(model_cfg.path))
     except FileNotFoundError as e:
-        raise PlanError(f"model.path={model_cfg.path}: {e} (--plan reads only its config.json)") from None
+        if notes is None or Path(model_cfg.path).exists():
+            raise PlanError(f"model.path={model_cfg.path}: {e} (--plan reads only its config.json)") from None
+    notes.append(f"model.path={model_cfg.path} not readable here: sized as the published UniAR-8B "
+                 f"({PUBLISHED_CONFIG.relative_to(PUBLISHED_CONFIG.parents[3])})")
+    return UniARConfig.from_pretrained(PUBLISHED_CONFIG.parent)
 
 
 def count_params(cfg) -> tuple[int, int]:
@@ -353,11 +219,13 @@ def _gpu_slots(node: Node, need: Need) -> list[int] | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def needs(cfg: Any) -> tuple[list[Need], list[str]]:
-    """Every actor of the run with its resources and memory, trainer ranks first (the largest), and notes."""
-    model_cfg = policy_config(cfg.model)
+def needs(cfg: Any, described: bool = False) -> tuple[list[Need], list[str]]:
+    """Every actor of the run with its resources and memory, trainer ranks first (the largest), and notes.
+    ``described``: planned on a described cluster, whose files may not be on this machine."""
+    assumed: list[str] = []
+    model_cfg = policy_config(cfg.model, assumed if described else None)
     total, trained = count_params(model_cfg)
-    notes = [f"policy: {_n(total)} parameters ({_n(trained)} trained), {cfg.model.dtype}, "
+    notes = assumed + [f"policy: {_n(total)} parameters ({_n(trained)} trained), {cfg.model.dtype}, "
              f"ZeRO-{cfg.trainer.zero_stage} over {cfg.trainer.world_size} rank(s); sequences "
              f"<= {PROMPT_TOKENS} prompt + {image_tokens(cfg, model_cfg)} image tokens"]
     t, r, d = cfg.trainer, cfg.rollout, cfg.decoder
@@ -397,7 +265,7 @@ def plan_run(cfg: Any, cluster: Cluster, notes: list[str] | None = None) -> str:
     """Place every actor (trainer ranks as their placement group asks) and return the table; PlanError if any
     actor finds no room, naming it, what it needs, and the ways out. ``notes``: lines to print with the table (what
     the preflight could not check from here)."""
-    actors, own = needs(cfg)
+    actors, own = needs(cfg, described=cluster.described)
     notes = own + list(notes or [])
     nodes = cluster.nodes
     strategy = cfg.trainer.placement_strategy

@@ -72,7 +72,8 @@ def grpo(cfg: Any, here: bool = True) -> Checked:
         problems = environment_problems(cfg, actors_here=not cfg.cluster.address) + driver_memory_problems(cfg)
         if problems:  # (the run folder is checked as it is opened, still before Ray: jobs/grpo_run.py)
             raise ConfigError("\n".join(problems))
-    model_folder(cfg.model.path, "model.path")
+    if here or Path(cfg.model.path).exists():  # else the plan sizes the published model, and says so
+        model_folder(cfg.model.path, "model.path")
     out.dataset = _dataset(cfg, out.notes if not here else None)
     _reward_files(cfg, out.notes if not here else None)
     records = out.dataset.records if out.dataset is not None else []

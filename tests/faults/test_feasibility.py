@@ -48,6 +48,11 @@ def test_the_same_rules_in_eval_and_in_the_vllm_engine():
     with pytest.raises(ConfigError, match="rollout.backend=vllm with model.dtype='bfloat16'"):
         load_config(EvalConfig, REPO / "configs/eval/quick_tiny.yaml", ["rollout.backend=vllm",
                                                                           "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"rollout.max_batch=1 with rollout.backend=vllm and classifier-free "
+                                          r"guidance \(settings.cfg_scale=0, 0 = the benchmark's, > 1\)"):
+        load_config(EvalConfig, REPO / "configs/eval/quick_tiny.yaml", ["rollout.backend=vllm", "rollout.max_batch=1"])
+    load_config(EvalConfig, REPO / "configs/eval/quick_tiny.yaml", ["rollout.backend=vllm", "rollout.max_batch=1",
+                                                                      "settings.cfg_scale=1"])  # no CFG: one row
     from uniar_ray.config import ModelConfig
 
     assert feasibility.vllm_engine_problem(ModelConfig(dtype="bfloat16")).startswith("rollout.backend=vllm with")

@@ -11,7 +11,7 @@ import pytest
 
 from uniar_ray.config import GRPORunConfig, load_config
 from uniar_ray.model.configuration import TextConfig, UniARConfig
-from uniar_ray.plan import Cluster, PlanError, count_params, needs, plan_run
+from uniar_ray.plan import Cluster, Node, PlanError, count_params, needs, plan_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,25 +94,28 @@ def test_a_described_cluster_with_too_few_gpus_names_the_actor(uniar_8b, tmp_pat
 
 
 def test_placeholder_model_path_is_reported(tmp_path):
+    """Planned for this machine, a model.path that is not here is an error; on a described cluster (whose storage
+    may hold it) the plan sizes the published UniAR-8B instead, and says so."""
     cfg = load_config(GRPORunConfig, "configs/grpo_uniar_rl.yaml")
+    here = Cluster([Node("local", 64, 8, 80, 500)], "this machine")
     with pytest.raises(PlanError, match=r"model.path=/FILL/IN/UniAR: .*reads only its config.json"):
-        plan_run(cfg, Cluster.from_file(_cluster(tmp_path, REFERENCE)))
+        plan_run(cfg, here)
+    out = plan_run(cfg, Cluster.from_file(_cluster(tmp_path, REFERENCE)))
+    assert "model.path=/FILL/IN/UniAR not readable here: sized as the published UniAR-8B" in out
+    assert "policy: 9.63B parameters" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ray's autoscaler cluster file, colocated rollout, one-line problems (issue 19.6)
 # ---------------------------------------------------------------------------------------------------------------
 
-SHIPPED_8B = REPO / "perf" / "configs" / "uniar_8b"  # config.json of the published shapes (perf/gpu_rollout.py)
-
-
 def test_gpu_recipe_against_the_shipped_cluster_yaml_places_every_actor(tmp_path):
     """The published recipe (colocated rollout on the 16 trainer GPUs) planned on the project's cluster.yaml: it
     fits, and the table names where each rank, engine, decoder and reward lands."""
     run = subprocess.run([sys.executable, "-m", "jobs.grpo", "--plan", "--config", "configs/grpo_uniar_rl.yaml",
-                          "--cluster-file", "cluster.yaml", f"model.path={SHIPPED_8B}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+                          "--cluster-file", "cluster.yaml"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr  # as shipped, /FILL/IN paths and all: the README's command
+    assert "sized as the published UniAR-8B" in run.stdout
     cells = [re.split(r"\s{2,}", line.strip()) for line in run.stdout.splitlines() if not line.startswith("[plan]")]
     rows = {c[0]: c for c in cells}  # actor -> [actor, node, CPU, GPU, ..., total GiB | "", where]
     ranks = [rows[f"trainer rank {i}"] for i in range(16)]
