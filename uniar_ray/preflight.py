@@ -173,7 +173,7 @@ def check_output_folder(folder: Path, key: str) -> None:
     if not existing.is_dir():
         raise NotADirectoryError(20, f"is a file, so {key}={folder} cannot be made under it; choose another {key}",
                                  str(existing))
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK):
         raise PermissionError(13, f"cannot write there ({key}={folder})", str(existing))
 
 

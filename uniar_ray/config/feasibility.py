@@ -230,7 +230,7 @@ def requested_resources(cfg: Any) -> list[tuple[str, int, float, float]]:
 
 def _local_resources(cfg: Any, gpus: int) -> list[str]:
     """An embedded local Ray has this machine's CPUs (``cluster.num_cpus`` caps them) and GPUs: actors that cannot
-    all be placed would wait for resources that never come (a placement timeout, or a roll-out timeout much later)."""
+    be placed wait for resources that never come (a placement timeout, or a roll-out timeout much later)."""
     import os
 
     pools = requested_resources(cfg)
@@ -238,7 +238,9 @@ def _local_resources(cfg: Any, gpus: int) -> list[str]:
     cpus = sum(n * c for _, n, c, _ in pools)
     want_gpus = sum(n * g for _, n, _, g in pools)
     out = []
-    if cpus > have_cpus + 1e-9:
+    # GRPO's actors must all be up for a step (each takes its share of the requests); eval's Ray Data pools start
+    # with the actors that fit, so only GPUs that are not there at all are refused for it
+    if hasattr(cfg, "trainer") and cpus > have_cpus + 1e-9:
         listed = ", ".join(f"{k} {n} x {c:g}" for k, n, c, _ in pools if n * c)
         out.append(f"the actors ask for {cpus:g} CPUs ({listed}) and the embedded local Ray has {have_cpus:g} "
                    "(cluster.num_cpus, else this machine's cores); lower the num_cpus / num_actors, or raise "
