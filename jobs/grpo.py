@@ -1,7 +1,7 @@
 """GRPO training of a UniAR policy on Ray: roll out, decode, score, advantages, update, sync weights.
 
     python -m jobs.grpo --config configs/grpo_demo.yaml [grpo.beta=0.0 steps=20 ...] [--resume [RUN_OR_CKPT]]
-    python -m jobs.grpo --plan --config configs/grpo_uniar_rl.yaml [--cluster-file my_cluster.yaml]
+    python -m jobs.grpo --plan --config configs/grpo_uniar_rl.yaml [--cluster-file cluster.yaml]
     ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_uniar_rl.yaml cluster.address=auto
 The default config is the embedded demo: local Ray, tiny policy, a tiny decoder whose colours follow the bits, a
 redness reward, CPU.
