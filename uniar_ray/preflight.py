@@ -178,8 +178,15 @@ def check_output_folder(folder: Path, key: str) -> None:
 
 
 def eval_checks(cfg: Any, out_dir: Path) -> None:
-    """The eval job's checks beyond its plan's (``jobs.eval.make_plan``): this machine, and the output folder."""
+    """The eval job's checks beyond its plan's (``jobs.eval.make_plan``): this machine, the scorer's model folders
+    (loaded in the driver after every image is made), and the output folder."""
     problems = environment_problems(cfg, actors_here=not cfg.cluster.address)
+    sc = cfg.scoring
+    if sc.enabled and cfg.benchmark.name == "geneval" and sc.geneval_detector:
+        for key in ("geneval_detector", "geneval_clip"):
+            path = getattr(sc, key)
+            if path not in TINY and not Path(path).is_dir():
+                problems.append(f"scoring.{key}={path}: no such folder (a local transformers folder, or tiny)")
     if problems:
         raise ConfigError("\n".join(problems))
     check_output_folder(out_dir, "out_dir")

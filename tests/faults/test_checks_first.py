@@ -127,6 +127,14 @@ def test_eval_out_dir_under_a_file_fails_before_ray(run_job, eval_argv, tmp_path
     assert no_ray == [] and blocker.read_bytes() == b"not a folder"
 
 
+def test_eval_scorer_folder_that_is_not_there_fails_before_ray(run_job, eval_argv, tmp_path, no_ray):
+    """GenEval's detector is loaded in the driver after every image is made: a wrong folder is found at start."""
+    code, err = run_job(eval_job.main, "eval", [*eval_argv("geneval"), "scoring.geneval_detector=/nonexistent/det",
+                                                "scoring.geneval_clip=tiny"])
+    assert code == 2 and "scoring.geneval_detector=/nonexistent/det: no such folder" in err, err
+    assert no_ray == [] and not (tmp_path / "out" / "images").exists()
+
+
 def test_sweep_over_a_missing_grpo_run_names_it_before_ray(run_job, tmp_path, no_ray):
     missing = tmp_path / "no_such_run"
     code, err = run_job(sweep_job.main, "sweep", ["--config", str(REPO / "configs/sweep_grpo_run.yaml"),
