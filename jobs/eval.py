@@ -3,6 +3,7 @@ actors (pixels) -> the benchmark's writer in the driver (official layout) -> sco
 
     python -m jobs.eval --config configs/eval/geneval.yaml [model.path=/ckpt/UniAR benchmark.limit=16 ...]
     python -m jobs.eval --config configs/eval/quick_tiny.yaml benchmark.name=oneig      # tiny model, seconds
+    python -m jobs.eval --config configs/eval/gpu/geneval.yaml model.path=/ckpt/UniAR    # 8 GPUs, bf16 (not yet run)
     ray job submit --working-dir . -- python -m jobs.eval --config configs/eval/geneval.yaml cluster.address=auto
 A rerun resumes: only samples whose outputs are missing become rows. Prints the run folder at the end.
 """
