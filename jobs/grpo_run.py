@@ -54,7 +54,11 @@ def check_run_folder(run: RunDir, parts: "Parts") -> None:
     token = shared_folder.write_marker(folder)
     # the ranks answer once they are built (weights loaded, DeepSpeed set up): the trainers' own wait applies
     timeout = getattr(parts.trainer, "timeout_s", None)
-    answers = ray.get([a.check_run_folder.remote(str(folder), token) for a in parts.trainer.actors], timeout=timeout)
+    try:
+        answers = ray.get([a.check_run_folder.remote(str(folder), token) for a in parts.trainer.actors],
+                          timeout=timeout)
+    finally:
+        shared_folder.remove_marker(folder, token)  # the folder as it was, whatever the answer
     shared_folder.verify(folder, [(rank, node, problem) for rank, (node, problem) in enumerate(answers)])
 
 

@@ -35,6 +35,8 @@ DEMO = REPO / "configs/grpo_demo.yaml"
      "rewards.models.judge.backend=vllm: the vLLM judge runs on whole GPUs"),
     (["rewards.models.hps.model_path=tiny", "rewards.models.hps.device=cuda"],
      "rewards.models.hps.device='cuda' with rewards.models.hps.num_gpus=0"),
+    (["rewards.models.target_color.target=[300, 0, 0]"],
+     "rewards.models.target_color.target=[300.0, 0.0, 0.0]: target_color takes [r, g, b], each in 0..255"),
 ])
 def test_a_combination_the_code_refuses_is_refused_at_load(run_job, tmp_path, overrides, line):
     with pytest.raises(ConfigError, match="") as e:

@@ -49,7 +49,7 @@ def test_a_rank_that_sees_another_folder_or_none_stops_the_run_naming_its_node(l
     run = RunDir(tmp_path / "run").open()
     elsewhere = tmp_path / "node-local" / "run"  # the same path on another machine's own disk
     elsewhere.mkdir(parents=True)
-    (elsewhere / MARKER).write_text("0123 other-host\n")  # an earlier run's marker there
+    (elsewhere / "checkpoints").mkdir()  # an earlier run there
     parts = _parts(Rank.remote("10.0.0.1", None), Rank.remote("10.0.0.2", str(elsewhere)),
                    Rank.remote("10.0.0.3", str(tmp_path / "nowhere")))
     with pytest.raises(RunFolderError) as e:
@@ -58,16 +58,17 @@ def test_a_rank_that_sees_another_folder_or_none_stops_the_run_naming_its_node(l
     assert lines[0] == f"run_dir={run.path} is not one folder shared by the driver and every trainer rank (they " \
                        "write its checkpoints):"
     assert lines[1] == (f"trainer rank 1 on node 10.0.0.2: {elsewhere} on this node is another folder than the "
-                        f"driver's (its {MARKER} was written on other-host)")
+                        "driver's (the driver's marker file is not in it)")
     assert lines[2] == f"trainer rank 2 on node 10.0.0.3: {tmp_path / 'nowhere'} does not exist on this node"
     assert "storage the driver and all trainer nodes share" in lines[3] and len(lines) == 4
     assert not (run.path / "checkpoints").exists()  # nothing trained, nothing saved
+    assert list(run.path.iterdir()) == [run.path / "grids"]  # the marker removed: the folder as it was
 
 
 def test_ranks_that_see_the_driver_folder_pass(local_ray, tmp_path):
     run = RunDir(tmp_path / "run").open()
     check_run_folder(run, _parts(Rank.remote("10.0.0.1", None), Rank.remote("10.0.0.2", None)))
-    assert (run.path / MARKER).is_file()
+    assert not list(run.path.glob(f"{MARKER}*"))  # checked, then removed
 
 
 def test_relative_paths_are_made_absolute_once_by_the_driver(tmp_path, monkeypatch):

@@ -150,7 +150,20 @@ def reward_problems(rewards: Any) -> list[str]:
             out.append(f"{key}.backend=vllm: the vLLM judge runs on whole GPUs (tensor parallel over num_gpus); set "
                        f"{key}.device=cuda and {key}.num_gpus >= 1, or {key}.backend=transformers on CPU")
         out += bound(f"{key}.num_actors", spec.num_actors, MAX_ACTORS)
+        out += _target_problems(key, spec)
     return out
+
+
+def _target_problems(key: str, spec: Any) -> list[str]:
+    """The programmatic rewards' targets, as their constructors (rewards/programmatic.py) would refuse them."""
+    t = spec.target
+    if not t or spec.kind not in ("brightness", "target_color"):
+        return []
+    if spec.kind == "brightness" and not (len(t) == 1 and 0 <= t[0] <= 1):
+        return [f"{key}.target={t}: brightness takes [level], a level in 0..1"]
+    if spec.kind == "target_color" and not (len(t) == 3 and all(0 <= c <= 255 for c in t)):
+        return [f"{key}.target={t}: target_color takes [r, g, b], each in 0..255"]
+    return []
 
 
 def _eval(cfg: Any) -> list[str]:
