@@ -93,7 +93,8 @@ class Cluster:
             res = t.get("resources") if isinstance(t, dict) else None
             if not isinstance(res, dict):
                 raise PlanError(f"{where}: give resources (CPU, GPU, memory in bytes): the plan does not ask the cloud")
-            cpus, gpus = _number(res.get("CPU", 0), f"{where}.resources.CPU"), int(_number(res.get("GPU", 0), f"{where}.resources.GPU"))
+            cpus = _number(res.get("CPU", 0), f"{where}.resources.CPU")
+            gpus = int(_number(res.get("GPU", 0), f"{where}.resources.GPU"))
             label = (t.get("labels") or {}).get(GPU_MEMORY_LABEL)
             if gpus and label is None:
                 raise PlanError(f"{where}: has {gpus} GPU(s): give their memory as labels: {{{GPU_MEMORY_LABEL}: "

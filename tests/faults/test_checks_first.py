@@ -62,7 +62,8 @@ def test_a_bad_prompt_file_fails_before_ray_and_any_actor(run_job, tmp_path, no_
 @pytest.mark.parametrize("overrides,line", [
     (["grpo.num_generations=100000000", "steps=1"],
      "samples per step (data.prompts_per_step x grpo.num_generations)=800000000: over the limit of 65536"),
-    (["ar_height=4096", "ar_width=4096", "data.prompts_per_step=1", "grpo.num_generations=2"], "ar_height/ar_width: AR size 4096x4096 needs 16384 image tokens"),
+    (["ar_height=4096", "ar_width=4096", "data.prompts_per_step=1", "grpo.num_generations=2"],
+     "ar_height/ar_width: AR size 4096x4096 needs 16384 image tokens"),
     (["rewards.models.hps.model_path=/nonexistent/clip", "rewards.models.hps.num_cpus=0"],
      "rewards.models.hps.model_path=/nonexistent/clip: no such file or folder"),
     (["rollout.num_actors=8", "rollout.num_cpus=1"], "the actors ask for 9.25 CPUs"),

@@ -121,7 +121,8 @@ def test_gpu_recipe_against_the_shipped_cluster_yaml_places_every_actor(tmp_path
     ranks = [rows[f"trainer rank {i}"] for i in range(16)]
     assert [r[1] for r in ranks] == [f"gpu_8x-0 gpu {g}" for g in range(8)] + [f"gpu_8x-1 gpu {g}" for g in range(8)]
     for i in range(16):  # colocated: each engine is inside its rank, on the rank's GPU
-        assert rows[f"rollout engine {i}"][1] == ranks[i][1] and rows[f"rollout engine {i}"][-1] == f"in trainer rank {i}"
+        engine = rows[f"rollout engine {i}"]
+        assert engine[1] == ranks[i][1] and engine[-1] == f"in trainer rank {i}"
     assert "rollout 0" not in rows  # no engine actors of their own
     landed = {k: c[1] for k, c in rows.items() if k.startswith(("decoder ", "reward "))}
     assert len(landed) == 8 + 4 + 1 + 4 + 1  # decoders, judges, geneval, ocr, hps
@@ -144,7 +145,8 @@ def test_autoscaler_file_counts_each_type_at_its_max_workers(tmp_path):
     cluster = Cluster.from_file(f)
     assert [n.name for n in cluster.nodes] == ["head-0", "gpu-0", "gpu-1", "gpu-2"]
     assert (cluster.nodes[1].gpus, cluster.nodes[1].gpu_memory_gib, cluster.nodes[1].memory_gib) == (8, 80.0, 1024.0)
-    no_label = _autoscaler(tmp_path, "  gpu: {node_config: {}, resources: {CPU: 8, GPU: 1, memory: 1}, max_workers: 1}\n")
+    no_label = _autoscaler(tmp_path, "  gpu: {node_config: {}, resources: {CPU: 8, GPU: 1, memory: 1}, "
+                                     "max_workers: 1}\n")
     with pytest.raises(PlanError, match=r"available_node_types.gpu: has 1 GPU\(s\): give their memory as labels: "
                                         r"\{gpu_memory_gib: \"80\"\}"):
         Cluster.from_file(no_label)

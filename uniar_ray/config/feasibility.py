@@ -64,7 +64,8 @@ def vllm_engine_problem(model: Any) -> str:
                 "rollout.backend=torch on GPU (with rollout.cuda_graph=true rollout.compile=true, as run on an H200)")
     if model.dtype != "float32":
         return (f"rollout.backend=vllm with model.dtype={model.dtype!r}: {VLLM_ENGINE} (vLLM's CPU backend "
-                "crashes in bfloat16 on these machines); set model.dtype=float32, or use rollout.backend=torch for bfloat16")
+                "crashes in bfloat16 on these machines); set model.dtype=float32, or use rollout.backend=torch for "
+                "bfloat16")
     return ""
 
 
@@ -173,8 +174,8 @@ def _eval(cfg: Any) -> list[str]:
     out += gpu_problems("decoder", d.device, d.num_gpus)
     if r.backend == "vllm" and r.max_batch < 2 and cfg.settings.cfg_scale != 1:  # 0: the benchmarks' cfg, >= 2
         out.append(f"rollout.max_batch={r.max_batch} with rollout.backend=vllm and classifier-free guidance "
-                   f"(settings.cfg_scale={cfg.settings.cfg_scale:g}, 0 = the benchmark's, > 1): the vLLM engine decodes "
-                   "a CFG sample's two rows together; set rollout.max_batch >= 2")
+                   f"(settings.cfg_scale={cfg.settings.cfg_scale:g}, 0 = the benchmark's, > 1): the vLLM engine "
+                   "decodes a CFG sample's two rows together; set rollout.max_batch >= 2")
     out += bound("benchmark.samples_per_prompt", cfg.benchmark.samples_per_prompt, MAX_SAMPLES_PER_PROMPT)
     out += bound("batch_size", cfg.batch_size, MAX_BATCH) + bound("rollout.max_batch", r.max_batch, MAX_BATCH)
     out += bound("rollout.num_actors", r.num_actors, MAX_ACTORS) + bound("decoder.num_actors", d.num_actors, MAX_ACTORS)
