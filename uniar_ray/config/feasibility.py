@@ -145,7 +145,7 @@ def reward_problems(rewards: Any) -> list[str]:
     out = []
     for name, spec in rewards.models.items():
         key = f"rewards.models.{name}"
-        if spec.kind in ("geneval", "hps", "pickscore", "judge"):  # the kinds that load a model on spec.device
+        if spec.kind in ("geneval", "hps", "pickscore", "judge", "self_judge"):  # they load a model on spec.device
             out += gpu_problems(key, spec.device, spec.num_gpus)
         if spec.kind == "judge" and spec.backend == "vllm" and (spec.device == "cpu" or spec.num_gpus < 1):
             out.append(f"{key}.backend=vllm: the vLLM judge runs on whole GPUs (tensor parallel over num_gpus); set "
