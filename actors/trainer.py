@@ -274,6 +274,13 @@ class TrainerActor:
         """sha256 of this rank's trainable parameters: data-parallel ranks must agree bit for bit."""
         return weight_broadcast.digest((n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad)
 
+    def check_run_folder(self, folder: str, token: str) -> tuple[str, str]:
+        """(this node's address, "" or why ``folder`` is not the driver's run folder here): the driver's marker
+        check (uniar_ray/shared_folder.py), run where this rank writes its checkpoints."""
+        from uniar_ray.shared_folder import check_marker
+
+        return ray.util.get_node_ip_address(), check_marker(folder, token)
+
 
 class TrainerGroup:
     """``world_size`` trainer actors in one placement group; the driver's view of data-parallel training."""

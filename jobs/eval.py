@@ -3,6 +3,7 @@ actors (pixels) -> the benchmark's writer in the driver (official layout) -> sco
 
     python -m jobs.eval --config configs/eval/geneval.yaml [model.path=/ckpt/UniAR benchmark.limit=16 ...]
     python -m jobs.eval --config configs/eval/quick_tiny.yaml benchmark.name=oneig      # tiny model, seconds
+    python -m jobs.eval --config configs/eval/gpu/geneval.yaml model.path=/ckpt/UniAR    # 8 GPUs, bf16 (not yet run)
     ray job submit --working-dir . -- python -m jobs.eval --config configs/eval/geneval.yaml cluster.address=auto
 A rerun resumes: only samples whose outputs are missing become rows. Prints the run folder at the end.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +30,7 @@ from benchmarks.common import (
     remove_stale_temps,
 )
 from jobs import start_ray
+from uniar_ray import preflight
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
 from uniar_ray.limits import LimitError, ModelLimits, fit_prompt
 from uniar_ray.model.loading import check_weight_files
@@ -114,6 +115,7 @@ def make_plan(cfg: EvalConfig) -> Plan:
     bench = benchmarks.resolve(cfg.benchmark)
     root = model_root(cfg.model, cfg.tiny_cache)
     out_dir = Path(cfg.out_dir or f"runs/eval/{cfg.benchmark.name}").resolve()
+    preflight.eval_checks(cfg, out_dir)  # this machine against the config, and an output folder that can be made
     identity = run_identity(cfg)
     state = claim_folder(out_dir, identity, overwrite=cfg.overwrite)
     images_dir = out_dir / "images"
@@ -127,7 +129,6 @@ def make_plan(cfg: EvalConfig) -> Plan:
     resolve_components(plan.decoder_root)  # a missing decoder folder, a truncated file: here, not in a Ray actor
     for folder in {plan.model_root, plan.decoder_root}:
         check_weight_files(folder)
-    check_writable(out_dir)
     limits = ModelLimits.load(str(plan.model_root), plan.decoder_root)
     add_rows(plan, limits, start_over=state == "overwrite")
     s = plan.settings
@@ -139,13 +140,6 @@ def make_plan(cfg: EvalConfig) -> Plan:
         said = "same settings, resuming" if state == "resume" else "overwrite=true: the run with other settings deleted"
         print(f"[eval] {out_dir}: {said}", file=sys.stderr)
     return plan
-
-
-def check_writable(folder: Path) -> None:
-    """The nearest existing folder on the way to ``folder`` must be writable: found now, not after generating."""
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise PermissionError(13, f"cannot write there (out_dir={folder})", str(existing))
 
 
 def run_identity(cfg: EvalConfig) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """GRPO training of a UniAR policy on Ray: roll out, decode, score, advantages, update, sync weights.
 
     python -m jobs.grpo --config configs/grpo_demo.yaml [grpo.beta=0.0 steps=20 ...] [--resume [RUN_OR_CKPT]]
-    python -m jobs.grpo --plan --config configs/grpo_uniar_rl.yaml [--cluster-file my_cluster.yaml]
+    python -m jobs.grpo --plan --config configs/grpo_uniar_rl.yaml [--cluster-file cluster.yaml]
     ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_uniar_rl.yaml cluster.address=auto
 The default config is the embedded demo: local Ray, tiny policy, a tiny decoder whose colours follow the bits, a
 redness reward, CPU.
@@ -15,38 +15,43 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import ray
 
 from jobs import start_ray
 from jobs.grpo_parts import SECONDARY_EXCLUSION, Parts, timed
-from jobs.grpo_run import last_checkpoint_note, open_run, record_placement, resume, save_checkpoint
+from jobs.grpo_run import (check_run_folder, last_checkpoint_note, open_run, record_placement, resume,
+                           save_checkpoint)
 from jobs.grpo_validation import Validator
 from jobs.grpo_validation import summary_line as validation_summary
 from uniar_ray import checkpoint as ckpt
-from uniar_ray import gallery, grpo
+from uniar_ray import gallery, grpo, preflight
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
-from uniar_ray.data import resolve_data_path
 from uniar_ray.runlog import RunDir
 from uniar_ray.tracking import Tracker
 
 
 def main(argv: list[str] | None = None):
     cfg, args = parse_cli(GRPORunConfig, argv, default_config="configs/grpo_demo.yaml", add_flags=_flags)
+    cfg = preflight.resolve_paths(cfg)  # once, here: actors on other nodes run in other working directories
+    if isinstance(args.resume, str):
+        args.resume = str(Path(args.resume).resolve())
     if args.plan:
         return show_plan(cfg, args.cluster_file)
-    resolve_data_path(cfg.data.path)  # missing data files are reported before the run folder and Ray
+    checked = preflight.grpo(cfg)  # everything that loads no weights, before Ray and the folder
     try:
         run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
     except ckpt.ResumeError as e:
         raise SystemExit(f"[grpo] {e}") from None
     start_ray(cfg)
-    parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
+    parts = Parts(cfg, checked)  # rollout engines, decoder pool, reward pools, trainers, data sampler
     budget = grpo.FailureBudget(cfg.grpo.max_excluded_fraction, cfg.grpo.failure_window)
     trained = 0
     step = 0
     tracker = None
     try:
+        check_run_folder(run, parts)  # one folder for the driver and every rank, or stop naming the node
         step, prefetched = resume(run, parts, candidates) if args.resume else (0, None)
         record_placement(run, parts)
         first_step = step
@@ -207,13 +212,19 @@ def _flags(parser) -> None:
 
 
 def show_plan(cfg: GRPORunConfig, cluster_file: str) -> None:
+    """The job's own preflight, then every actor placed and sized. Against a described cluster (``--cluster-file``)
+    the files that live on that cluster only are noted instead of checked; every problem is one line, exit 2."""
     from uniar_ray.plan import Cluster, PlanError, plan_run
 
-    cluster = Cluster.from_file(cluster_file) if cluster_file else Cluster.detect(cfg.cluster)
+    checked = preflight.grpo(cfg, here=not cluster_file)
     try:
-        table = plan_run(cfg, cluster)
-    except PlanError as e:
-        raise SystemExit(f"[plan] {e}") from None
+        cluster = Cluster.from_file(cluster_file) if cluster_file else Cluster.detect(cfg.cluster)
+        notes = checked.notes + [f"driver: ~{preflight.driver_memory_gib(cfg):.1f} GiB for the steps in flight "
+                                 "(roll-outs and images), on the node that runs the job"]
+        table = plan_run(cfg, cluster, notes)
+    except PlanError as e:  # what does not fit (and the table so far), or a cluster that cannot be read
+        print(f"[plan] {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(table)
 
 

@@ -19,7 +19,6 @@ import ray
 
 from uniar_ray.checkpoint import prefetch_mismatch
 from uniar_ray.config import GRPORunConfig
-from uniar_ray.limits import check_grpo_inputs
 from uniar_ray.rollout import GenerationRequest, Rollout
 from uniar_ray.runlog import RunDir
 
@@ -36,17 +35,23 @@ def timed(m: dict, stage: str):
 class Parts:
     """The actors of a run and the driver-side glue for each stage (kept out of the step so it reads as a list)."""
 
-    def __init__(self, cfg: GRPORunConfig):
+    def __init__(self, cfg: GRPORunConfig, checked=None):
+        """``checked``: what ``uniar_ray.preflight.grpo`` read before Ray started (the job passes it); None: read and
+        check the data here (tests, tools). Either way the data is ready before any actor starts."""
         from actors.decoder_pool import DecoderPool
         from actors.group import ActorGroup
         from actors.reward_models import RewardGroup
         from actors.rollout_engine import RolloutEngineActor
         from actors.trainer import TrainerGroup
         from actors.weight_sync import WeightSync
-        from jobs.grpo_validation import split_prompts
-        from uniar_ray.data import PromptSampler, load_dataset
 
         self.cfg = cfg
+        if checked is None or checked.dataset is None:  # made outside the job (tests, tools): read the data here
+            from uniar_ray.preflight import grpo_data
+
+            checked = grpo_data(cfg)
+        self.val_records = checked.val  # validation prompts, never trained on
+        self._start_sampler(cfg, checked)
         r = cfg.rollout
         # colocated: the trainer ranks roll out over their own parameters; no engine actors, nothing to sync
         self.colocated = r.placement == "colocated"
@@ -59,15 +64,6 @@ class Parts:
         # the weights the engines sample with (rollout.weight_sync; colocated: a version count)
         self.weight_sync = WeightSync(self.trainer, self.rollout_group.actors if self.rollout_group else [], r,
                                       cfg.model.device)
-        d = cfg.data
-        dataset = load_dataset(d.path, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines)
-        dataset.records = check_grpo_inputs(dataset.records, cfg)  # model files, prompt and AR size limits
-        train, self.val_records = split_prompts(cfg, dataset.records)  # validation prompts, never trained on
-        v = cfg.validation
-        held = (f"; validation: {len(self.val_records)} prompts, "
-                + (f"from {v.prompt_file}" if v.prompt_file else "held out of these") if self.val_records else "")
-        print(f"[grpo] data: {dataset.summary()}{held}", flush=True)
-        self.sampler = PromptSampler(train, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
         self.metrics = _Metrics()
         self.last_batch = self.last_images = None
         self.last_reasons: list[str] = []  # why the last step's samples were excluded (their own causes only)
@@ -75,6 +71,15 @@ class Parts:
         self._data_before: dict[int, dict] = {}  # step -> sampler position before its prompts were drawn
         self._prefetched = None  # (step, object refs of its roll-out) while one_step has one in flight
         self.nodes_at_start = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+    def _start_sampler(self, cfg: GRPORunConfig, checked) -> None:
+        from uniar_ray.data import PromptSampler
+
+        d, v = cfg.data, cfg.validation
+        held = (f"; validation: {len(checked.val)} prompts, "
+                + (f"from {v.prompt_file}" if v.prompt_file else "held out of these") if checked.val else "")
+        print(f"[grpo] data: {checked.dataset.summary()}{held}", flush=True)
+        self.sampler = PromptSampler(checked.train, d.prompts_per_step, seed=d.seed, shuffle=d.shuffle)
 
     @property
     def weights(self):

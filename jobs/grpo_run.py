@@ -53,6 +53,23 @@ def record_placement(run: RunDir, parts: "Parts", digests: bool = False) -> None
     path.write_text(json.dumps(rec, indent=2) + "\n")
 
 
+def check_run_folder(run: RunDir, parts: "Parts") -> None:
+    """Before any training: every trainer rank finds the driver's marker in the run folder (uniar_ray/shared_folder.py),
+    so checkpoints land in the one folder; a rank that does not is an error naming its node."""
+    from uniar_ray import shared_folder
+
+    folder = run.path.resolve()
+    token = shared_folder.write_marker(folder)
+    # the ranks answer once they are built (weights loaded, DeepSpeed set up): the trainers' own wait applies
+    timeout = getattr(parts.trainer, "timeout_s", None)
+    try:
+        answers = ray.get([a.check_run_folder.remote(str(folder), token) for a in parts.trainer.actors],
+                          timeout=timeout)
+    finally:
+        shared_folder.remove_marker(folder, token)  # the folder as it was, whatever the answer
+    shared_folder.verify(folder, [(rank, node, problem) for rank, (node, problem) in enumerate(answers)])
+
+
 def open_run(cfg: GRPORunConfig, resume) -> tuple[RunDir, list]:
     """The run folder and, for a resume, the checkpoints it may continue from (newest complete first). A resume
     whose config breaks the checkpoint's identity is refused before anything is written."""

@@ -17,38 +17,17 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from jobs.grpo_parts import Parts, _Batch
 from uniar_ray.config import GRPORunConfig, ModelConfig
+from uniar_ray.data import split_prompts
 from uniar_ray.rollout import GenerationRequest
 from uniar_ray.runlog import RunDir
 
 VALIDATION = "validation"  # the sweep's name for "the GRPO run's own validation" (jobs/sweep.py)
-
-
-def split_prompts(cfg: GRPORunConfig, records: list) -> tuple[list, list]:
-    """(training prompts, validation prompts). ``validation.holdout``: that many prompts of data.path leave the
-    training set (``uniar_ray.data.hold_out``, seeded by data.seed); ``validation.prompt_file``: its prompts, the
-    training set unchanged (a prompt found in both is named in a warning: it is not held out)."""
-    from uniar_ray.data import hold_out, load_dataset
-    from uniar_ray.limits import check_grpo_inputs
-
-    v, d = cfg.validation, cfg.data
-    if not v.prompt_file:
-        return hold_out(records, v.holdout, seed=d.seed)
-    held = load_dataset(v.prompt_file, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines).records
-    held = check_grpo_inputs(held, cfg)
-    trained = {r.prompt for r in records}
-    both = [r.prompt for r in held if r.prompt in trained]
-    if both:
-        print(f"[grpo] warning: {len(both)} of the {len(held)} prompts of validation.prompt_file="
-              f"{v.prompt_file} are also training prompts (e.g. {both[0]!r}): their validation reward is not "
-              "held-out", file=sys.stderr, flush=True)
-    return list(records), held
 
 
 def held_out_prompts(cfg: GRPORunConfig) -> list:

@@ -21,6 +21,7 @@ from benchmarks.common import atomic_write_text
 from jobs import eval as eval_job
 from jobs import start_ray
 from jobs.grpo_validation import VALIDATION
+from uniar_ray import preflight
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, SweepConfig, load_config, parse_cli
 from uniar_ray.run_identity import normalized, recorded_identity
 
@@ -32,6 +33,7 @@ SHORT = {"ar_height": "h", "ar_width": "w", "temperature": "T", "cfg_scale": "cf
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(SweepConfig, argv, default_config="configs/sweep.yaml")
+    preflight_sweep(cfg)  # before Ray: the checkpoints, every cell's eval config, this machine, the output folder
     started = start_ray(cfg)
     try:
         rows = run_sweep(cfg)
@@ -73,6 +75,13 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def preflight_sweep(cfg: SweepConfig) -> None:
+    checkpoints = sweep_checkpoints(cfg)
+    cells = [eval_config(cfg, name, model, bench, setting) for name, model in checkpoints.items()
+             for bench in cfg.benchmarks for setting in cfg.settings]
+    preflight.sweep(cfg, checkpoints, cells)
+
+
 def sweep_checkpoints(cfg: SweepConfig) -> dict[str, ModelConfig]:
     """The listed checkpoints plus, with ``grpo_run``, that run's checkpoints (``step-NNNNNN``: its model folder)."""
     from uniar_ray.checkpoint import checkpoint_steps
@@ -80,6 +89,9 @@ def sweep_checkpoints(cfg: SweepConfig) -> dict[str, ModelConfig]:
     found = dict(cfg.checkpoints)
     if cfg.grpo_run:
         run = Path(cfg.grpo_run)
+        if not run.is_dir():
+            raise FileNotFoundError(2, f"sweep.grpo_run: {'not a folder' if run.exists() else 'no such folder'} "
+                                       "(a GRPO run folder, e.g. runs/grpo-demo, with checkpoints/step-N/)", str(run))
         trained = json.loads((run / "config.json").read_text())["model"] if (run / "config.json").is_file() else {}
         for name, folder in checkpoint_steps(run, cfg.grpo_steps).items():
             if name in found:

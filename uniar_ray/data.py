@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -424,3 +425,23 @@ def fingerprint(records: Sequence[PromptRecord]) -> str:
         h.update(json.dumps([r.source, r.number, r.prompt, r.task], ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
+
+
+def split_prompts(cfg: Any, records: list) -> tuple[list, list]:
+    """(training prompts, validation prompts). ``validation.holdout``: that many prompts of data.path leave the
+    training set (``uniar_ray.data.hold_out``, seeded by data.seed); ``validation.prompt_file``: its prompts, the
+    training set unchanged (a prompt found in both is named in a warning: it is not held out)."""
+    from uniar_ray.limits import check_grpo_inputs
+
+    v, d = cfg.validation, cfg.data
+    if not v.prompt_file:
+        return hold_out(records, v.holdout, seed=d.seed)
+    held = load_dataset(v.prompt_file, seed=d.seed, prompt_key=d.prompt_key, skip_bad_lines=d.skip_bad_lines).records
+    held = check_grpo_inputs(held, cfg)
+    trained = {r.prompt for r in records}
+    both = [r.prompt for r in held if r.prompt in trained]
+    if both:
+        print(f"[data] warning: {len(both)} of the {len(held)} prompts of validation.prompt_file="
+              f"{v.prompt_file} are also training prompts (e.g. {both[0]!r}): their validation reward is not "
+              "held-out", file=sys.stderr, flush=True)
+    return list(records), held

@@ -40,8 +40,7 @@ class ModelLimits:
             from uniar_ray.model.prompts import load_tokenizer
 
             folder = resolve_ar_folder(model_path)
-            text = _read_json(folder / "config.json").get("text_config", {})
-            tokenizer, positions = load_tokenizer(folder), int(text.get("max_position_embeddings", 0)) or None
+            tokenizer, positions = load_tokenizer(folder), _positions(model_path)
         return cls(tokenizer, positions, decoder_max_side(decoder_root) if decoder_root else None)
 
     def count(self, prompt: str) -> int:
@@ -100,18 +99,32 @@ def fit_prompt(tokenizer: Any, prompt: str, max_tokens: int, overflow: str, what
     return tokenizer.decode(ids[:max_tokens]), len(ids)
 
 
-def check_grpo_inputs(records: list, cfg: Any) -> list:
-    """GRPO, before the first step: the model's and the decoder's weight files complete (named when not), every RL
-    prompt within ``data.max_prompt_tokens`` (cut, counted and said, or refused with the records named), and
-    ``ar_height x ar_width`` within the model's positions and the decoder's grid. ``cfg`` is a ``GRPORunConfig``;
-    records are ``uniar_ray.data.PromptRecord``; returns them, cut where needed."""
+def check_grpo_inputs(records: list, cfg: Any, notes: list[str] | None = None) -> list:
+    """GRPO, before Ray starts (``uniar_ray.preflight``): the model's, the reference's and the decoder's weight files
+    complete (named when not), every RL prompt within ``data.max_prompt_tokens`` (cut, counted and said, or refused
+    with the records named), and ``ar_height x ar_width`` within the model's positions and the decoder's grid.
+    ``cfg`` is a ``GRPORunConfig``; records are ``uniar_ray.data.PromptRecord``; returns them, cut where needed.
+    ``notes``: a plan against a described cluster, where the files may live on the cluster only: what is missing
+    here is appended to it instead of raised (a file that is here is checked all the same)."""
     from uniar_ray.model.loading import check_weight_files
 
     d = cfg.data
     decoder_root = cfg.decoder.path if cfg.decoder.path != "tiny" else None
-    for folder in {p for p in (cfg.model.path, decoder_root) if p and p != "tiny"}:
-        check_weight_files(folder)
-    limits = ModelLimits.load(cfg.model.path, decoder_root)
+    ref = cfg.grpo.ref_model_path if cfg.grpo.beta else ""
+    for key, folder in (("model.path", cfg.model.path), ("grpo.ref_model_path", ref)):
+        if folder and folder != "tiny":
+            _tolerant(_weights_there, folder, notes=notes, what=f"{key}={folder}")
+    if decoder_root:
+        from uniar_ray.decoder.loading import resolve_components
+
+        if _tolerant(resolve_components, decoder_root, notes=notes, what=f"decoder.path={decoder_root}"):
+            check_weight_files(decoder_root)
+    limits = _tolerant(ModelLimits.load, cfg.model.path, decoder_root, notes=notes, what=f"model.path={cfg.model.path}")
+    if limits is None:  # no tokenizer here: sizes against what config.json there is; prompts when the job starts
+        positions = _tolerant(_positions, cfg.model.path, notes=notes, what=f"model.path={cfg.model.path}")
+        limits = ModelLimits(None, positions, decoder_max_side(decoder_root) if decoder_root else None)
+        limits.check_ar_size(cfg.ar_height, cfg.ar_width, cfg.decode_upsampling_ratio, 0, key="ar_height/ar_width")
+        return records
     out, cut, refused, longest = [], [], [], 0
     for r in records:
         try:
@@ -134,3 +147,36 @@ def check_grpo_inputs(records: list, cfg: Any) -> list:
               flush=True)
     limits.check_ar_size(cfg.ar_height, cfg.ar_width, cfg.decode_upsampling_ratio, longest, key="ar_height/ar_width")
     return out
+
+
+def _tolerant(fn, *args, notes: list[str] | None = None, what: str = ""):
+    """``fn(*args)``; with ``notes``, a file missing here is noted (None returned) instead of raised."""
+    try:
+        return fn(*args)
+    except FileNotFoundError as e:
+        if notes is None:
+            raise
+        if not any(n.startswith(f"{what}: ") for n in notes):  # one note per file, however many checks it skips
+            notes.append(f"{what}: not checked here ({e}); the job checks it, and the prompt lengths, before Ray "
+                         "starts")
+        return None
+
+
+def _weights_there(folder: str) -> None:
+    from uniar_ray.model.loading import check_weight_files
+
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if not check_weight_files(folder):  # complete when there; none at all is a folder the actors cannot load
+        raise FileNotFoundError(f"{folder}: no *.safetensors weight files")
+
+
+def _positions(model_path: str) -> int | None:
+    from uniar_ray.model.loading import resolve_ar_folder
+
+    if model_path == "tiny":
+        from uniar_ray.model.tiny import tiny_config
+
+        return tiny_config().text_config.max_position_embeddings
+    text = _read_json(resolve_ar_folder(model_path) / "config.json").get("text_config", {})
+    return int(text.get("max_position_embeddings", 0)) or None

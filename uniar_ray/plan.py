@@ -1,11 +1,12 @@
 """The placement and memory plan of a GRPO run, from its config alone (the model's config.json, no weights): where
 each actor lands and what it holds in memory, as one table; ``python -m jobs.grpo --plan`` prints it.
 
-    print(plan_run(cfg, Cluster.from_file("my_cluster.yaml")))   # PlanError (what does not fit, ways out) otherwise
+    print(plan_run(cfg, Cluster.from_file("cluster.yaml")))   # PlanError (what does not fit, ways out) otherwise
 Memory model (per process): weights; gradients and Adam state split by the ZeRO stage (Rajbhandari et al. 2020,
 mixed precision: fp32 master + m + v = 12 bytes per trainable parameter, 8 without a master copy in fp32);
 activations per micro-batch (Korthikanti et al. 2022: ~34 bytes x hidden per token per layer in 16 bit without
-recomputation; layer inputs only, plus one layer, with gradient checkpointing); the rollout KV cache.
+recomputation; layer inputs only, plus one layer, with gradient checkpointing); the rollout KV cache and the
+engine's working memory (in the trainer ranks with colocated rollout). Clusters: uniar_ray/clusters.py.
 """
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-GIB = 2**30
+from uniar_ray.clusters import GIB, Cluster, Node, PlanError  # noqa: F401 (Node, PlanError: re-exported)
+
 PROMPT_TOKENS = 1024  # the reference's max_prompt_length: the activation and KV figures are upper bounds
+BITS_PER_TOKEN = 4 * 4 * 64  # levels x sub-patches x BSQ bits of one image token
 ACT_BYTES_PER_HIDDEN = 34  # per token per layer, 16-bit activations, flash/SDPA attention (no s^2 term)
 # The published decoder (SD3.5-medium-sized transformer + VAE + CLIP-L/G + T5-XXL, all loaded before the text
 # encoders are dropped) when its folder is not readable from here: parameters, at the decoder's dtype.
@@ -23,86 +26,8 @@ DECODER_PARAMS_ASSUMED = 8.3e9
 # The reference's reward models, when their folders are not readable from here: UnifiedReward-2.0-qwen3vl-32b,
 # HPSv2.1 (CLIP ViT-H-14), GenEval's Mask2Former detector + CLIP ViT-L/14 colour classifier.
 REWARD_PARAMS_ASSUMED = {"judge": 33e9, "hps": 0.99e9, "pickscore": 0.99e9, "geneval": 0.65e9, "ocr": 0.0}
-GPU_MEMORY_BY_TYPE = {"H200": 141, "H100": 80, "A100": 80, "L40S": 48, "L4": 24, "A10G": 24, "V100": 32, "T4": 16}
-
-
-class PlanError(ValueError):
-    """The run does not fit the cluster (or its config cannot be planned); the message says what to change."""
-
-
-@dataclasses.dataclass
-class Node:
-    name: str
-    cpus: float
-    gpus: int
-    gpu_memory_gib: float
-    memory_gib: float
-
-    def __post_init__(self):
-        self.free_cpus = self.cpus
-        self.free_memory = self.memory_gib
-        self.gpu_free = [1.0] * self.gpus  # fraction of each GPU not yet requested
-        self.gpu_mem_free = [float(self.gpu_memory_gib)] * self.gpus
-
-
-@dataclasses.dataclass
-class Cluster:
-    nodes: list[Node]
-    source: str
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Cluster":
-        """YAML: ``nodes: [{name: train, count: 2, cpus: 96, gpus: 8, gpu_memory_gib: 80, memory_gib: 1000}]``."""
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict) or not isinstance(data.get("nodes"), list) or not data["nodes"]:
-            raise PlanError(f"{path}: expected `nodes:` with a list of {{name, count, cpus, gpus, gpu_memory_gib, "
-                            "memory_gib}}")
-        nodes = []
-        for i, n in enumerate(data["nodes"]):
-            unknown = set(n) - {"name", "count", "cpus", "gpus", "gpu_memory_gib", "memory_gib"}
-            if unknown:
-                raise PlanError(f"{path}: nodes[{i}]: unknown key(s) {sorted(unknown)}")
-            if n.get("gpus", 0) and not n.get("gpu_memory_gib"):
-                raise PlanError(f"{path}: nodes[{i}] has GPUs: give gpu_memory_gib")
-            for k in range(int(n.get("count", 1))):
-                nodes.append(Node(f"{n.get('name', f'node{i}')}{k if n.get('count', 1) > 1 else ''}",
-                                  float(n.get("cpus", 0)), int(n.get("gpus", 0)), float(n.get("gpu_memory_gib", 0)),
-                                  float(n.get("memory_gib", 0))))
-        return cls(nodes, str(path))
-
-    @classmethod
-    def detect(cls, cluster_cfg: Any) -> "Cluster":
-        """The cluster this config would run on: the Ray cluster at ``cluster.address``, else this machine."""
-        if cluster_cfg.address:
-            return cls._from_ray(cluster_cfg.address)
-        import psutil
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if gpus else 0.0
-        cpus = cluster_cfg.num_cpus or os.cpu_count() or 1
-        return cls([Node("local", float(cpus), gpus, gpu_gib, psutil.virtual_memory().total / GIB)], "this machine")
-
-    @classmethod
-    def _from_ray(cls, address: str) -> "Cluster":
-        import ray
-
-        ray.init(address=address, log_to_driver=False)
-        try:
-            nodes = []
-            for n in ray.nodes():
-                if not n.get("Alive"):
-                    continue
-                res = n["Resources"]
-                kind = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "")
-                gpu_gib = next((v for t, v in GPU_MEMORY_BY_TYPE.items() if t in kind.upper()), 80)
-                nodes.append(Node(n["NodeManagerAddress"], res.get("CPU", 0), int(res.get("GPU", 0)), gpu_gib,
-                                  res.get("memory", 0) / GIB))
-        finally:
-            ray.shutdown()
-        return cls(nodes, f"Ray cluster at {address} (GPU memory by accelerator type; 80 GiB if unknown)")
+# The published shapes (Qwen3-VL-8B text stack + the UniAR visual stack), for a model.path not readable here
+PUBLISHED_CONFIG = Path(__file__).resolve().parents[1] / "perf" / "configs" / "uniar_8b" / "config.json"
 
 
 @dataclasses.dataclass
@@ -116,6 +41,7 @@ class Need:
     on_gpu: bool
     alt_activations: float | None = None  # activations the other way (with/without gradient checkpointing)
     node: str = ""
+    host: str = ""  # runs inside that actor's process (a colocated engine): no resources of its own
 
     @property
     def total(self) -> float:
@@ -127,7 +53,9 @@ class Need:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def policy_config(model_cfg: Any):
+def policy_config(model_cfg: Any, notes: list[str] | None = None):
+    """The policy's config.json. ``notes``: a plan of a described cluster, where the checkpoint may live on that
+    cluster only; a model.path that is not here is then sized as the published UniAR-8B (noted)."""
     from uniar_ray.model.configuration import UniARConfig
     from uniar_ray.model.loading import resolve_ar_folder
     from uniar_ray.model.tiny import tiny_config
@@ -137,7 +65,11 @@ def policy_config(model_cfg: Any):
     try:
         return UniARConfig.from_pretrained(resolve_ar_folder(model_cfg.path))
     except FileNotFoundError as e:
-        raise PlanError(f"model.path={model_cfg.path}: {e} (--plan reads only its config.json)") from None
+        if notes is None or Path(model_cfg.path).exists():
+            raise PlanError(f"model.path={model_cfg.path}: {e} (--plan reads only its config.json)") from None
+    notes.append(f"model.path={model_cfg.path} not readable here: sized as the published UniAR-8B "
+                 f"({PUBLISHED_CONFIG.relative_to(PUBLISHED_CONFIG.parents[3])})")
+    return UniARConfig.from_pretrained(PUBLISHED_CONFIG.parent)
 
 
 def count_params(cfg) -> tuple[int, int]:
@@ -184,16 +116,26 @@ def image_tokens(cfg: Any, model_cfg) -> int:
     return (cfg.ar_height // d) * (cfg.ar_width // d)
 
 
-def rollout_memory(cfg: Any, total: int, model_cfg) -> dict[str, float]:
+def rollout_memory(cfg: Any, model_cfg, rows: int) -> dict[str, float]:
+    """An engine's own memory for ``rows`` rows per batch (its weights are counted by the caller): the KV cache and
+    its working memory (one layer's prefill activations at the longest prompt, and the per-bit outputs)."""
     b = 2 if cfg.model.dtype == "bfloat16" else 4
     r, text = cfg.rollout, model_cfg.text_config
+    n = image_tokens(cfg, model_cfg)
     if r.backend == "vllm":
         kv = r.vllm_kvcache_gib
     else:  # K and V per layer (backbone + visual decoder) for every row of a batch, prompt + image
         layers = text.num_hidden_layers + model_cfg.visual_transformer_decoder_depth
-        kv = (2 * layers * text.num_key_value_heads * text.head_dim * b * r.max_batch
-              * (PROMPT_TOKENS + image_tokens(cfg, model_cfg))) / GIB
-    return {"weights": total * b / GIB, "kv cache": kv}
+        kv = 2 * layers * text.num_key_value_heads * text.head_dim * b * rows * (PROMPT_TOKENS + n) / GIB
+    prefill = rows * PROMPT_TOKENS * (4 * text.hidden_size + 3 * text.intermediate_size) * b
+    outputs = rows * n * BITS_PER_TOKEN * (4 + 1)  # float32 log-prob and a bit per sampled bit
+    return {"kv cache": kv, "engine work": (prefill + outputs) / GIB}
+
+
+def colocated_rows(cfg: Any) -> int:
+    """Rows per batch of a colocated engine: a rank rolls out its share of the step, max_batch at a time."""
+    per_rank = cfg.data.prompts_per_step * cfg.grpo.num_generations // cfg.trainer.world_size
+    return max(1, min(cfg.rollout.max_batch, per_rank))
 
 
 def folder_gib(path: str) -> float | None:
@@ -282,11 +224,13 @@ def _gpu_slots(node: Node, need: Need) -> list[int] | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def needs(cfg: Any) -> tuple[list[Need], list[str]]:
-    """Every actor of the run with its resources and memory, trainer ranks first (the largest), and notes."""
-    model_cfg = policy_config(cfg.model)
+def needs(cfg: Any, described: bool = False) -> tuple[list[Need], list[str]]:
+    """Every actor of the run with its resources and memory, trainer ranks first (the largest), and notes.
+    ``described``: planned on a described cluster, whose files may not be on this machine."""
+    assumed: list[str] = []
+    model_cfg = policy_config(cfg.model, assumed if described else None)
     total, trained = count_params(model_cfg)
-    notes = [f"policy: {_n(total)} parameters ({_n(trained)} trained), {cfg.model.dtype}, "
+    notes = assumed + [f"policy: {_n(total)} parameters ({_n(trained)} trained), {cfg.model.dtype}, "
              f"ZeRO-{cfg.trainer.zero_stage} over {cfg.trainer.world_size} rank(s); sequences "
              f"<= {PROMPT_TOKENS} prompt + {image_tokens(cfg, model_cfg)} image tokens"]
     t, r, d = cfg.trainer, cfg.rollout, cfg.decoder
@@ -294,8 +238,19 @@ def needs(cfg: Any) -> tuple[list[Need], list[str]]:
     recompute = getattr(t, "gradient_checkpointing", False)
     out = [Need(f"trainer rank {i}", t.num_cpus, t.num_gpus, dict(parts), t.num_gpus > 0, full if recompute else ckpt)
            for i in range(t.world_size)]
-    out += [Need(f"rollout {i}", r.num_cpus, r.num_gpus, rollout_memory(cfg, total, model_cfg), r.num_gpus > 0)
-            for i in range(r.num_actors)]
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    if getattr(r, "placement", "separate") == "colocated":  # the engine runs in each rank over its own parameters
+        engine = rollout_memory(cfg, model_cfg, colocated_rows(cfg))
+        for rank in out:
+            rank.parts.update(engine)
+        out += [Need(f"rollout engine {i}", 0, 0, {}, t.num_gpus > 0, host=f"trainer rank {i}")
+                for i in range(t.world_size)]
+        notes.append(f"rollout: colocated, a torch engine inside each trainer rank over its live parameters "
+                     f"({colocated_rows(cfg)} rows per batch; its KV cache and working memory are in the rank's row)")
+    else:
+        engine = {"weights": total * b / GIB, **rollout_memory(cfg, model_cfg, r.max_batch)}
+        out += [Need(f"rollout {i}", r.num_cpus, r.num_gpus, dict(engine), r.num_gpus > 0)
+                for i in range(r.num_actors)]
     dec, note = decoder_memory(cfg)
     notes += [note] if note else []
     if getattr(cfg.rewards, "pixel_rewards", True):  # no decoder when every reward reads bits
@@ -312,14 +267,18 @@ def _n(count: int) -> str:
     return f"{count / 1e9:.3g}B" if count >= 1e8 else f"{count / 1e6:.3g}M"
 
 
-def plan_run(cfg: Any, cluster: Cluster) -> str:
+def plan_run(cfg: Any, cluster: Cluster, notes: list[str] | None = None) -> str:
     """Place every actor (trainer ranks as their placement group asks) and return the table; PlanError if any
-    actor finds no room, naming it, what it needs, and the ways out."""
-    actors, notes = needs(cfg)
+    actor finds no room, naming it, what it needs, and the ways out. ``notes``: lines to print with the table (what
+    the preflight could not check from here)."""
+    actors, own = needs(cfg, described=cluster.described)
+    notes = own + list(notes or [])
     nodes = cluster.nodes
     strategy = cfg.trainer.placement_strategy
     trainers = [a for a in actors if a.role.startswith("trainer")]
     for a in actors:
+        if a.host:  # inside another actor's process: lands where that one does
+            continue
         only = None
         if a in trainers and strategy == "STRICT_PACK" and trainers[0].node:
             only = [n for n in nodes if a is not trainers[0] and n.name == trainers[0].node.split()[0]]
@@ -330,6 +289,15 @@ def plan_run(cfg: Any, cluster: Cluster) -> str:
         if node is None:
             raise PlanError(_no_room(cfg, a, cluster) + "\n\n" + table(actors, cluster, notes))
         a.node = node
+    by_role = {a.role: a for a in actors}
+    for a in actors:
+        if a.host:
+            a.node = by_role[a.host].node
+    workers = {a.node.split()[0] for a in actors if a.node} - {cluster.head}
+    if cluster.max_workers is not None and len(workers) > cluster.max_workers:
+        raise PlanError(f"does not fit: the actors need {len(workers)} worker nodes and {cluster.source} allows "
+                        f"max_workers={cluster.max_workers}; raise it, or use fewer or smaller actors\n\n"
+                        + table(actors, cluster, notes))
     return table(actors, cluster, notes)
 
 
@@ -364,17 +332,34 @@ def _no_room(cfg: Any, a: Need, cluster: Cluster) -> str:
 
 def table(actors: list[Need], cluster: Cluster, notes: list[str]) -> str:
     cols = ["actor", "node", "CPU", "GPU", "weights", "grads", "optimizer", "ref model", "activations", "act. other",
-            "kv cache", "total GiB", "where"]
+            "kv cache", "engine work", "total GiB", "where"]
+    keys = ("weights", "grads", "optimizer", "ref model", "activations")
     rows = [[a.role, a.node or "-", f"{a.cpus:g}", f"{a.gpus:g}"]
-            + [f"{a.parts[k]:.2f}" if k in a.parts else "" for k in ("weights", "grads", "optimizer", "ref model",
-                                                                        "activations")]
-            + ["" if a.alt_activations is None else f"{a.alt_activations:.2f}",
-               f"{a.parts['kv cache']:.2f}" if "kv cache" in a.parts else "", f"{a.total:.2f}",
-               "GPU" if a.on_gpu else "host"] for a in actors]
+            + [f"{a.parts[k]:.2f}" if k in a.parts else "" for k in keys]
+            + ["" if a.alt_activations is None else f"{a.alt_activations:.2f}"]
+            + [f"{a.parts[k]:.2f}" if k in a.parts else "" for k in ("kv cache", "engine work")]
+            + (["", f"in {a.host}"] if a.host else [f"{a.total:.2f}", "GPU" if a.on_gpu else "host"])
+            for a in actors]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    nodes = ", ".join(f"{n.name} ({n.cpus:g} CPU, {n.gpus} x {n.gpu_memory_gib:g} GiB GPU, {n.memory_gib:.0f} GiB)"
-                      for n in cluster.nodes)
-    head = [f"[plan] cluster: {cluster.source}: {nodes}", *(f"[plan] {n}" for n in notes),
+    head = [f"[plan] cluster: {cluster.source}: {_describe_nodes(cluster.nodes)}", *(f"[plan] {n}" for n in notes),
             "[plan] act. other = activations with gradient checkpointing the other way round"]
     return "\n".join(head + [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _describe_nodes(nodes: list[Node]) -> str:
+    """Nodes of one kind once (``gpu_8x-0..3``), in order."""
+    groups: list[list[Node]] = []
+    for n in nodes:
+        same = groups and (groups[-1][0].cpus, groups[-1][0].gpus, groups[-1][0].gpu_memory_gib,
+                           groups[-1][0].memory_gib) == (n.cpus, n.gpus, n.gpu_memory_gib, n.memory_gib)
+        if same and groups[-1][0].name.rstrip("0123456789") == n.name.rstrip("0123456789"):
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    out = []
+    for g in groups:
+        n = g[0]
+        name = n.name if len(g) == 1 else f"{n.name}..{g[-1].name[len(n.name.rstrip('0123456789')):]}"
+        out.append(f"{name} ({n.cpus:g} CPU, {n.gpus} x {n.gpu_memory_gib:g} GiB GPU, {n.memory_gib:.0f} GiB)")
+    return ", ".join(out)

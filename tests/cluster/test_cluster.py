@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -229,6 +231,36 @@ def test_dead_reward_pool_stops_the_job_within_the_failure_budget(healthy, one_r
     assert dead and len(rows) < 8, rows
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert kept and all(int(k.split("-")[1]) <= min(dead) for k in kept), (kept, dead)  # none after the death
+
+
+def readme_cluster_commands() -> list[str]:
+    """The ``ray job submit ... --working-dir . -- <entrypoint>`` commands of the README that run on any cluster
+    (those with your own checkpoint paths left out): their entrypoints, as written."""
+    text = re.sub(r"\\\n\s*", " ", (REPO / "README.md").read_text(encoding="utf-8"))  # join continued lines
+    found = set()
+    for line in text.splitlines():
+        if "ray job submit" in line and "--working-dir . -- python -m jobs." in line:
+            entry = line.split("--working-dir . -- ", 1)[1].split("#")[0].strip()
+            if "/ckpt/" not in entry and "/FILL/IN" not in entry:
+                found.add(entry)
+    return sorted(found)
+
+
+def test_the_readme_cluster_commands_run_as_written(healthy):
+    """The README's cluster command, exactly (default relative run_dir, no extra flags): the driver resolves the run
+    folder once, both ranks find its marker, and every save (the decoder linked into each checkpoint) works."""
+    commands = readme_cluster_commands()
+    assert commands == ["python -m jobs.grpo --config configs/grpo_demo.yaml cluster.address=auto "
+                        "trainer.world_size=2"], commands  # the README and this test change together
+    proc = healthy.submit(shlex.split(commands[0]), REPO)
+    out = finish(proc, timeout=1800)
+    assert proc.returncode == 0 and "succeeded" in out and "[grpo] step   29" in out, out[-3000:]
+    run_dir = Path(re.findall(r"^(/\S+/runs/grpo-demo\S*)\s*$", out, flags=re.MULTILINE)[-1])
+    assert run_dir.is_absolute() and not list(run_dir.glob(".driver-marker*"))  # checked at start, then removed
+    last = run_dir / "checkpoints" / "step-000030" / "model"
+    for part in ("ar_model", "bsq_encoder", "sd3_transformer", "sd3_pipeline"):
+        assert (last / part).resolve().is_dir(), part  # the decoder links resolve from the checkpoint
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == list(range(30))
 
 
 def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_run, healthy, one_reward, tmp_path):

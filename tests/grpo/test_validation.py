@@ -116,19 +116,25 @@ def test_validator_schedule_seeds_figures_and_reuse(tmp_path, capsys):
     assert run.plot_rewards().stat().st_size > 0
 
 
-def test_figures_leave_out_rows_no_reward_applies_to():
+@pytest.mark.parametrize("all_nan", ["exclude", "zero"])
+def test_figures_follow_grpo_all_nan_rewards(all_nan):
     cfg = _cfg(every=1, holdout=2, num_generations=2)
+    cfg.grpo.all_nan_rewards = all_nan  # zero (the reference): a row no reward applies to totals 0 and counts
     cfg.rewards.models["other"] = dataclasses.replace(cfg.rewards.models["target_color"], weight=2.0)
     rolls = [Rollout(request_id=str(i), prompt="p", prompt_ids=np.zeros(1, np.int32), ar_height=32, ar_width=32,
                      bits_shape=(1, 1, 1, 8), bits_packed=np.zeros(1, np.uint8), logprobs=None) for i in range(4)]
     rolls[0].rewards = {"target_color": 0.5, "other": 0.25}
     rolls[1].rewards = {"target_color": 0.1, "other": math.nan}  # other does not apply: total 0.1
-    rolls[2].rewards = {"target_color": math.nan, "other": math.nan}  # nothing applies: left out of the total
+    rolls[2].rewards = {"target_color": math.nan, "other": math.nan}  # nothing applies: 0, or left out
     rolls[3].excluded = "reward call failed"
     m = V.figures(cfg, rolls)
     assert m["val/target_color/mean"] == pytest.approx(0.3) and m["val/other/mean"] == pytest.approx(0.25)
-    assert m["val/reward_mean"] == pytest.approx((0.5 + 2 * 0.25 + 0.1) / 2)
-    assert (m["val/num_samples"], m["val/num_failed"]) == (2, 1)
+    if all_nan == "exclude":
+        assert m["val/reward_mean"] == pytest.approx((0.5 + 2 * 0.25 + 0.1) / 2)
+        assert (m["val/num_samples"], m["val/num_failed"]) == (2, 1)
+    else:
+        assert m["val/reward_mean"] == pytest.approx((0.5 + 2 * 0.25 + 0.1 + 0.0) / 3)
+        assert (m["val/num_samples"], m["val/num_failed"]) == (3, 1)
 
 
 def test_prompt_file_keeps_the_training_set_and_names_overlaps(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from uniar_ray.config import feasibility
 from uniar_ray.config.base import ConfigError, check_choice, check_tree, check_upsampling_ratio
 from uniar_ray.config.model import ModelConfig
 from uniar_ray.config.rollout import RolloutConfig
@@ -154,6 +155,7 @@ class EvalConfig:
             raise ConfigError("rollout.placement and rollout.weight_sync are GRPO options (eval has no trainer): "
                               "leave them at separate and object_store")
         check_tree(self)
+        feasibility.check(self)  # what the code would refuse later, refused now
 
 
 @dataclasses.dataclass

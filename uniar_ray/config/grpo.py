@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from uniar_ray.config import feasibility
 from uniar_ray.config.base import ConfigError, check_choice, check_tree, check_upsampling_ratio
 from uniar_ray.config.decoder import DecoderConfig
 from uniar_ray.config.model import ModelConfig
@@ -233,4 +234,5 @@ class GRPORunConfig:
                               "trainer.zero_stage=2 (every rank holds the full weights, the optimizer state is "
                               "split), or rollout.placement=separate")
         check_tree(self)
+        feasibility.check(self)  # what the code would refuse later, refused now
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from uniar_ray.config import feasibility
 from uniar_ray.config.base import ConfigError, check_choice, check_tree
 
 
@@ -62,4 +63,5 @@ class DemoConfig:
 
     def __post_init__(self):
         check_tree(self)
+        feasibility.check(self)  # what the code would refuse later, refused now
 

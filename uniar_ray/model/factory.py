@@ -16,6 +16,10 @@ def load_policy(path: str = "tiny", dtype: str = "float32", device: str = "cpu",
                 attn_impl: str = "sdpa") -> UniARPolicy:
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    if attn_impl == "flash_attention_2":  # this node's environment: checked here, before any weights are read
+        from uniar_ray.config.feasibility import require_flash_attn
+
+        require_flash_attn()
     if path == "tiny":
         policy = build_tiny_policy(seed=tiny_seed, dtype=DTYPES[dtype]).to(device)
         policy.set_attn_impl(attn_impl)

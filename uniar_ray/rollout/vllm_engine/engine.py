@@ -62,14 +62,10 @@ class VLLMRolloutEngine:
     @classmethod
     def from_model_config(cls, model, max_batch: int = 16, kvcache_gib: float = 1.0) -> "VLLMRolloutEngine":
         """From ``uniar_ray.config.ModelConfig``; ``tiny`` writes the seeded tiny checkpoint to a temp folder."""
-        if model.dtype != "float32":
-            raise ValueError(f"model.dtype={model.dtype!r}: the vLLM engine runs float32 on CPU (vLLM's CPU backend "
-                             "crashes in bfloat16 on these machines); set model.dtype=float32, or use "
-                             "rollout.backend=torch for bfloat16")
-        if model.device != "cpu":
-            raise ValueError(f"model.device={model.device!r}: the vLLM engine runs on CPU only (its sampler is a V1 "
-                             "CPU model-runner subclass; GPU needs the Model Runner V2 port in docs/vllm_engine.md); "
-                             "use rollout.backend=torch on GPU")
+        from uniar_ray.config.feasibility import vllm_engine_problem
+
+        if problem := vllm_engine_problem(model):  # the rule config loading applies too: one home
+            raise ValueError(problem)
         path = model.path
         if path == "tiny":
             from uniar_ray.model.tiny import write_tiny_checkpoint
