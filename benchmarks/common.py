@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -18,6 +16,7 @@ from PIL import Image
 from uniar_ray import datasets
 # One record for a reported bad line and one line reader, shared with the RL data reader.
 from uniar_ray.data import BadLine, decode_line, iter_lines
+from uniar_ray.files import atomic_write
 from uniar_ray.paths import PathOutsideRoot, inside_root
 
 SAMPLE_NAME = re.compile(r"^(\d{4})\.png$")
@@ -156,30 +155,10 @@ def _parse_line(line: str, default_idx: int) -> PromptRecord:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Atomic writes: a temporary hidden name in the same folder, then os.replace
+# Atomic writes (uniar_ray/files.py): a temporary hidden name in the same folder, fsync, then os.replace
 # ----------------------------------------------------------------------------------------------------------------
 # The temporary names start with "." and end with ".tmp", so none of the official scorers' globs (GenEval's digit
 # prefix, LongText's *.png, OneIG's <id>*) can pick up a file that a killed run left half-written.
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file, then rename it to ``path``; on any error nothing is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-        # No fsync: a killed process's bytes survive in the page cache, and the rename is atomic; only a machine
-        # crash could expose a short file, and fsync per image costs more than the whole PNG encode on slow disks.
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from jobs import start_ray
+from jobs import entry, start_ray
 from jobs.grpo_parts import SECONDARY_EXCLUSION, Parts, timed
 from jobs.grpo_run import last_checkpoint_note, open_run, record_placement, resume, save_checkpoint
 from uniar_ray import checkpoint as ckpt
@@ -37,14 +37,24 @@ def main(argv: list[str] | None = None):
         run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
     except ckpt.ResumeError as e:
         raise SystemExit(f"[grpo] {e}") from None
-    start_ray(cfg)
+    started = False  # the folder is this job's from here until the end, whatever ends it
+    try:
+        started = start_ray(cfg)
+        return train(cfg, run, candidates, resumed=bool(args.resume))
+    finally:
+        entry.close_all("grpo", lambda: started and ray.shutdown(), run.close)
+
+
+def train(cfg: GRPORunConfig, run: RunDir, candidates: list, resumed: bool):
+    """The step loop, from the actors' start to the summary. A stop signal ends it in one line (status 143 / 130)
+    wherever it is; the actors are stopped and the last complete checkpoint is named."""
     parts = Parts(cfg)  # rollout engines, decoder pool, reward pools, trainers, data sampler
     budget = grpo.FailureBudget(cfg.grpo.max_excluded_fraction, cfg.grpo.failure_window)
     trained = 0
     step = 0
     tracker = None
     try:
-        step, prefetched = resume(run, parts, candidates) if args.resume else (0, None)
+        step, prefetched = resume(run, parts, candidates) if resumed else (0, None)
         record_placement(run, parts)
         first_step = step
         (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the run is really this one
@@ -74,15 +84,12 @@ def main(argv: list[str] | None = None):
             raise
         raise SystemExit(f"[grpo] lost Ray node(s) {', '.join(lost)} ({type(e).__name__}); stopping. "
                          f"{last_checkpoint_note(run)} Bring the node(s) back and rerun with --resume.") from None
-    except KeyboardInterrupt:
-        print(f"[grpo] interrupted at step {step}; shutting down. {last_checkpoint_note(run)}", file=sys.stderr,
-              flush=True)
-        raise SystemExit(130) from None
-    finally:
-        if tracker is not None:  # the run started (a resume refused at loading leaves its folder as it was)
-            run.plot_rewards()
-            tracker.close()
-        parts.close()
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM (jobs/entry.py), at any point of a step, a save, a prefetch
+        print(f"[grpo] {entry.describe_stop(e)} at step {step}; shutting down. {last_checkpoint_note(run)}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(entry.exit_status(e)) from None
+    finally:  # each part runs even if one fails; a failure here never hides the error that ended the run
+        entry.close_all("grpo", *((run.plot_rewards, tracker.close) if tracker is not None else ()), parts.close)
     if not trained and first_step < cfg.steps:  # every step was skipped: the job did not do its work
         raise SystemExit(f"[grpo] no step of this run updated the model (every prompt group was excluded); see the "
                          f"per-step causes above. {last_checkpoint_note(run)}")
@@ -197,6 +204,4 @@ def show_plan(cfg: GRPORunConfig, cluster_file: str) -> None:
 
 
 if __name__ == "__main__":
-    from jobs import entry
-
     entry.run(main, "grpo")
