@@ -49,7 +49,12 @@ def main(argv: list[str] | None = None) -> str:
     from uniar_ray.model.chat import ChatProcessor
     from uniar_ray.rollout.images import decode_image
 
-    folder = resolve_ar_folder(_model_root(args.model, args.seed))
+    from jobs.entry import UserError
+    from jobs.generate import check_model_files
+
+    root = _model_root(args.model, args.seed)
+    check_model_files(root, decoder=False)  # a damaged checkpoint: one line naming the file
+    folder = resolve_ar_folder(root)
     dtype = DTYPES[args.dtype]
     policy = UniARPolicy.from_pretrained(folder, dtype=dtype, device=args.device, attn_impl=args.attn,
                                          bf16_rope_tables=dtype == torch.bfloat16)
@@ -62,7 +67,11 @@ def main(argv: list[str] | None = None) -> str:
         path = Path(args.image)
         if not path.is_file():
             raise SystemExit(f"--image {path}: no such file")
-        inputs = processor([args.prompt], images=[decode_image(path.read_bytes())])
+        try:
+            image = decode_image(path.read_bytes())
+        except ValueError as e:
+            raise UserError(f"--image {path}: {e}") from None
+        inputs = processor([args.prompt], images=[image])
     ids = policy.generate_text(**inputs.model_kwargs(), max_new_tokens=args.max_new_tokens)
     answer = processor.decode(ids)[0]
     print(answer)
@@ -78,4 +87,6 @@ def _model_root(model: str, seed: int) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs import entry
+
+    entry.run(main, "chat")

@@ -28,6 +28,10 @@ FS_ERRORS = {errno.ENOSPC: "free some space or choose another folder", errno.EDQ
 STOP_GRACE_S = 45.0  # after a stop signal, the shutdown (actors, Ray) gets this long before the job's processes are killed
 
 
+class UserError(Exception):
+    """A problem the person fixes (a bad argument, an unreadable input), named in its message: one line, exit 2."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors a person fixes by changing a config, a data file, a model folder or a permission; anything else is a
     bug and keeps its traceback."""
@@ -40,7 +44,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from uniar_ray.run_identity import RunIdentityError
     from uniar_ray.runlock import FolderInUse
 
-    return (ConfigError, DataError, PromptFileError, LimitError, CheckpointMismatch, CorruptWeightFile,
+    return (UserError, ConfigError, DataError, PromptFileError, LimitError, CheckpointMismatch, CorruptWeightFile,
             PathOutsideRoot, RunIdentityError, FolderInUse, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError, UnicodeDecodeError)
 

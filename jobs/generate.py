@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         try:
             decode_image(image)  # an unreadable input is reported before the models load
         except ValueError as e:
-            raise SystemExit(f"[generate] --image {args.image}: {e}") from None
+            from jobs.entry import UserError
+
+            raise UserError(f"--image {args.image}: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     policy, decoder = load_models(args.model, dtype, device)
@@ -139,9 +141,25 @@ def load_models(model: str, dtype, device: str):
     from uniar_ray.model import UniARPolicy
 
     root = cached_tiny_checkpoint() if model == "tiny" else Path(model)
+    check_model_files(root)
     print(f"loading model: {root}", file=sys.stderr)
     return (UniARPolicy.from_pretrained(root, dtype=dtype, device=device),
             UniARDecoder.from_pretrained(root, dtype=dtype, device=device))
+
+
+def check_model_files(root: Path, decoder: bool = True) -> None:
+    """What jobs.eval checks before it loads (the same calls): every weight file whole, config.json readable, the
+    tokenizer files there, and with ``decoder`` the decoder's folders: a damaged checkpoint is one line naming the
+    file, not a traceback from deep in a loader."""
+    from uniar_ray.limits import ModelLimits
+    from uniar_ray.model.loading import check_weight_files, resolve_ar_folder
+
+    if decoder:
+        from uniar_ray.decoder.loading import resolve_components
+
+        resolve_components(root)
+    check_weight_files(root if decoder else resolve_ar_folder(root))
+    ModelLimits.load(str(root), root if decoder else None)
 
 
 class StepBar:
@@ -160,4 +178,6 @@ class StepBar:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs import entry
+
+    entry.run(main, "generate")
