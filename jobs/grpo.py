@@ -141,6 +141,7 @@ def grpo_step(cfg: GRPORunConfig, parts: Parts, step: int, pending):
     with timed(m, "advantages"):  # 5. group-normalised advantages
         assign_advantages(cfg, batch, m)
     parts.last_reasons = [r.excluded for r in batch.rollouts if r.excluded and r.excluded != SECONDARY_EXCLUSION]
+    parts.last_reasons += batch.dropped_reasons
     m["skipped_update"] = int(m["excluded_groups_all"] == m["groups"])
     if m["skipped_update"]:  # nothing to learn from: no optimizer step (no momentum drift), nothing to sync
         print(f"[grpo] step {step}: no prompt group could be scored, the model is not updated; causes (samples): "
@@ -160,9 +161,14 @@ def grpo_step(cfg: GRPORunConfig, parts: Parts, step: int, pending):
 
 
 def assign_advantages(cfg: GRPORunConfig, batch, m: dict) -> None:
-    """Group advantages (uniar_ray.grpo); a group with a failed sample is excluded whole and counted."""
+    """Group advantages (uniar_ray.grpo); a group with a failed sample (roll-out, decode, reward) is excluded whole
+    and counted."""
     import torch
 
+    if not batch.rollouts:  # every roll-out failed: every group is out
+        m.update(reward_mean=math.nan, excluded_groups=batch.dropped, excluded_groups_all=batch.dropped,
+                 groups=batch.dropped)
+        return
     g, names = cfg.grpo.num_generations, list(cfg.rewards.weights)
     R = torch.tensor([[r.rewards.get(n, math.nan) for n in names] for r in batch.rollouts], dtype=torch.float64)
     failed = grpo.whole_groups(torch.tensor([bool(r.excluded) for r in batch.rollouts]), g)

@@ -19,7 +19,8 @@ import ray
 
 from uniar_ray.config import GRPORunConfig
 from uniar_ray.limits import check_grpo_inputs
-from uniar_ray.rollout import GenerationRequest, Rollout
+from actors.group import gather
+from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError
 from uniar_ray.runlog import RunDir
 
 SECONDARY_EXCLUSION = "another sample of its group failed"  # not a cause of its own: left out of the reasons shown
@@ -79,9 +80,11 @@ class Parts:
         return records, reqs
 
     def generate(self, reqs: list[GenerationRequest]) -> list:
-        """Roll out ``reqs`` with the current policy (``self.weights``): one Rollout or RolloutError each, in order.
-        The one way the driver samples (training steps and validation alike)."""
-        return self.rollout_group.map("generate", reqs, self.weights, timeout_s=self.cfg.rollout.timeout_s)
+        """Roll out ``reqs`` with the current policy (``self.weights``): one Rollout or RolloutError each, in order
+        (an engine that died past its restarts: a RolloutError for each of its requests). The one way the driver
+        samples (training steps and validation alike)."""
+        return self.rollout_group.map("generate", reqs, self.weights, timeout_s=self.cfg.rollout.timeout_s,
+                                      on_error=failed_rollouts)
 
     def rollout(self, step: int):
         records, reqs = self._requests(step)
@@ -94,8 +97,11 @@ class Parts:
             if refs is None:
                 batch = self.rollout(step)
             else:
-                results = [x for part in ray.get(refs, timeout=self.cfg.rollout.timeout_s) for x in part]
+                results = gather(refs, _shards(reqs, refs, len(self.rollout_group.actors)),
+                                 self.cfg.rollout.timeout_s, on_error=failed_rollouts)
                 batch = _Batch.build(records, reqs, results, self.cfg.grpo.num_generations)
+        if not batch.rollouts:  # every group's roll-out failed: nothing to decode or score
+            return batch, [], m
         m["rollout/weight_version"] = min(r.weight_version for r in batch.rollouts)
         with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
             images = self.decode(batch)
@@ -130,7 +136,10 @@ class Parts:
         """Step ``step``'s roll-out if one_step submitted it before the update (waits for it), else None."""
         if self._prefetched is None or self._prefetched[0] != step:
             return None
-        results = [x for part in ray.get(self._prefetched[1]) for x in part]
+        try:
+            results = [x for part in ray.get(self._prefetched[1]) for x in part]
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError):
+            return None  # an engine died under it: a resume samples the step again
         return results if all(isinstance(r, Rollout) for r in results) else None
 
     # 3 --------------------------------------------------------------------------------------------------------------
@@ -229,6 +238,20 @@ class Parts:
         self.trainer.shutdown()
 
 
+def failed_rollouts(error: BaseException, reqs: list[GenerationRequest]) -> list[RolloutError]:
+    """What stands for the requests of an engine call that failed (its actor died past its restarts, or raised): a
+    counted failure of their groups, like a failed decode or reward, never the end of the run."""
+    why = f"rollout engine failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})"
+    return [RolloutError(q.request_id, q.prompt, why) for q in reqs]
+
+
+def _shards(reqs: list, refs: list, engines: int) -> list[list]:
+    """The requests behind each of ``prefetch``'s refs: one per engine, or one ref holding a saved roll-out."""
+    from actors.group import split_even
+
+    return [reqs] if len(refs) == 1 else [s for s in split_even(reqs, engines) if s]
+
+
 def _plain(value):
     """A JSON-friendly scalar (numpy values, NaN as None)."""
     value = value.item() if hasattr(value, "item") else value
@@ -256,19 +279,38 @@ class _Batch:
     def __init__(self, records, rollouts, g):
         self.records, self.rollouts, self.g = records, rollouts, g
         self.seeds = [rollouts[i * g].seed for i in range(len(records))]  # one decoder seed per group
+        self.dropped, self.dropped_reasons = 0, []  # every roll-out failed: the groups left out, why (per sample)
 
     def record_of(self, i: int):
         return self.records[i // self.g]
 
     @classmethod
     def build(cls, records, reqs, results, g):
+        """A failed roll-out (a RolloutError) stays in the batch as an excluded stand-in, so the batch keeps its shape
+        (the trainer ranks split it evenly) and its group is excluded and counted against the failure budget, like
+        a failed decode or reward. When every roll-out failed the batch is empty and ``dropped`` counts the groups."""
+        done = [r for r in results if isinstance(r, Rollout)]
+        if not done:
+            batch = cls([], [], g)
+            batch.dropped, batch.dropped_reasons = len(records), [f"rollout failed: {r.error}" for r in results]
+            return batch
         rollouts = []
         for i, (req, res) in enumerate(zip(reqs, results)):
             if not isinstance(res, Rollout):
-                raise RuntimeError(f"rollout failed for {req.request_id}: {res.error}")
+                res = _stand_in(done[0], req, f"rollout failed: {res.error}")
             res.group, res.task = i // g, records[i // g].task
             rollouts.append(res)
         return cls(records, rollouts, g)
+
+
+def _stand_in(template: Rollout, req: GenerationRequest, why: str) -> Rollout:
+    """An excluded sample in the place of a failed roll-out: another sample's tokens and bits (same shapes; the loss
+    never counts an excluded sample), this request's identity."""
+    import dataclasses
+
+    return dataclasses.replace(template, request_id=req.request_id, prompt=req.prompt, seed=req.seed,
+                               temperature=req.temperature, rewards={}, reward_details={}, reward=math.nan,
+                               advantage=0.0, excluded=why)
 
 
 class _Metrics:
