@@ -29,6 +29,11 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno is not None and e.filename in (None, str(tmp)):  # a writer's own write (PIL, matplotlib)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # names no file: name the one meant
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

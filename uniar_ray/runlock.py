@@ -49,8 +49,10 @@ class FolderLock:
     # -- claiming ---------------------------------------------------------------------------------------------------
 
     def acquire(self) -> "FolderLock":
-        if self.folder.exists() and not self.folder.is_dir():
-            raise FolderInUse(f"{self.what}={self.folder} is a file, not a folder: choose another {self.what}")
+        existing = next(p for p in (self.folder, *self.folder.parents) if p.exists())
+        if not existing.is_dir():
+            where = "" if existing == self.folder else f": {existing}"
+            raise FolderInUse(f"{self.what}={self.folder}{where} is a file, not a folder: choose another {self.what}")
         with _HELD_GUARD:
             if self.path in _HELD:  # this process holds it already (a sweep's cell, a test calling twice)
                 _HELD[self.path][1] += 1
