@@ -16,6 +16,7 @@ import ray
 
 from uniar_ray import checkpoint as ckpt
 from uniar_ray import runlock
+from uniar_ray.files import disk_full_named, naming
 from uniar_ray.config import GRPORunConfig, to_dict
 from uniar_ray.rollout.types import load_rollouts, save_rollouts
 from uniar_ray.runlog import RunDir, restore_rng
@@ -114,17 +115,19 @@ def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
     """trainer/ (DeepSpeed state), model/ (the published layout: ar_model/ + the decoder linked), config.json, and
     driver_state.json last (step, data position, RNG, file sizes)."""
     folder = run.checkpoint_dir(step)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ckpt.DRIVER_STATE).unlink(missing_ok=True)  # a re-save is incomplete until it is written again
-    parts.trainer.save_checkpoint(folder / "trainer")
-    parts.trainer.save_model(folder / ckpt.MODEL_DIR / "ar_model")
-    ckpt.link_decoder(folder / ckpt.MODEL_DIR, parts.cfg.decoder, run.path)
-    (folder / "config.json").write_text(json.dumps(to_dict(parts.cfg), indent=2))
-    rollouts = parts.prefetched_rollouts(step)
-    if rollouts is not None:  # one_step: sampled before this update, from the weights a resume no longer has
-        save_rollouts(folder / PREFETCHED, rollouts)
-    run.save_driver_state(folder, {"step": step, "data": parts.data_state(step),
-                                   "data_fingerprint": run.identity["data_fingerprint"]})
+    with disk_full_named(folder):  # a full disk is named as one, not as torch.save's "unexpected pos"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ckpt.DRIVER_STATE).unlink(missing_ok=True)  # a re-save is incomplete until it is written again
+        parts.trainer.save_checkpoint(folder / "trainer")
+        parts.trainer.save_model(folder / ckpt.MODEL_DIR / "ar_model")
+        ckpt.link_decoder(folder / ckpt.MODEL_DIR, parts.cfg.decoder, run.path)
+        with naming(folder / "config.json"):
+            (folder / "config.json").write_text(json.dumps(to_dict(parts.cfg), indent=2))
+        rollouts = parts.prefetched_rollouts(step)
+        if rollouts is not None:  # one_step: sampled before this update, from the weights a resume no longer has
+            save_rollouts(folder / PREFETCHED, rollouts)
+        run.save_driver_state(folder, {"step": step, "data": parts.data_state(step),
+                                       "data_fingerprint": run.identity["data_fingerprint"]})
     run.prune_checkpoints(parts.cfg.keep_checkpoints)
 
 

@@ -5,7 +5,10 @@ A reader, a resume after a kill or a crash, or a run on a full disk sees the old
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -24,16 +27,37 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with naming(path, tmp), open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno is not None and e.filename in (None, str(tmp)):  # a writer's own write (PIL, matplotlib)
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e  # names no file: name the one meant
-        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def naming(path: str | Path, *also: str | Path):
+    """An OSError raised inside that names no file (a writer's own write into an open file: PIL, matplotlib, a
+    JSON dump), or one of ``also`` (a temporary name), is raised again naming ``path``: the person sees which file."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and (e.filename is None or str(e.filename) in map(str, also)):
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
+
+
+@contextlib.contextmanager
+def disk_full_named(folder: str | Path, min_free: int = 16 << 20):
+    """A failure while writing into ``folder`` on a disk left with less than ``min_free`` bytes is raised as the
+    ENOSPC it is, naming the folder: torch.save and DeepSpeed report a full disk as an obscure RuntimeError
+    ("unexpected pos ..."), also from inside a Ray actor."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unchanged unless the disk is full
+        existing = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), None)
+        if existing is not None and shutil.disk_usage(existing).free < min_free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from e
         raise

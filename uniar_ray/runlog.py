@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniar_ray.files import atomic_write
+from uniar_ray.files import atomic_write, naming
 
 
 class RunDir:
@@ -55,7 +55,7 @@ class RunDir:
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in metrics.items()}
-        with open(self.metrics_path, "a") as f:
+        with naming(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps(clean) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("UNIAR_DATA_MIRROR") or REPO.parent / "shared" / "data")  # as tests/conftest.py
 
 
 def prompt_lines(name: str, n: int = 3) -> list[str]:
@@ -34,8 +35,6 @@ def record(idx: int, prompt: str, **meta) -> str:
 
 def job_env(home: Path | None = None) -> dict[str, str]:
     """The environment of a job the tests start: this checkout's code, unbuffered output, never the user's Ray."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "UNIAR_DEBUG")}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     if home is not None:  # Ray writes under $HOME/.ray when it has no token: never the user's
@@ -116,7 +115,6 @@ class Job:
         return self.proc.returncode, self.output
 
     def kill(self) -> None:
-        import os
         import signal
 
         for pid in session_processes(self.pid):
@@ -137,8 +135,6 @@ class Job:
 
 
 def session_processes(sid: int) -> list[int]:
-    import os
-
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
