@@ -25,7 +25,7 @@ FS_ERRORS = {errno.ENOSPC: "free some space or choose another folder", errno.EDQ
              errno.ENAMETOOLONG: "choose a shorter path", errno.EEXIST: "choose another path",
              errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EISDIR: "give a file, not a folder",
              errno.EACCES: "check the file's permissions", errno.ENOENT: "check the path"}
-STOP_GRACE_S = 45.0  # after a stop signal, the shutdown (actors, Ray) gets this long before the job's processes are killed
+STOP_GRACE_S = 45.0  # after a stop signal the shutdown (actors, Ray) gets this long, then its processes are killed
 
 
 class UserError(Exception):

@@ -54,7 +54,7 @@ def claim_folder(folder: str | Path, identity: dict[str, Any], *, overwrite: boo
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunIdentityError(f"{what}={folder} is a file, not a folder: choose another {what}")
-    if not folder.is_dir() or not any(p.name != LOCK_NAME for p in folder.iterdir()):  # the job's own lock aside
+    if not folder.is_dir() or all(p.name.startswith(LOCK_NAME) for p in folder.iterdir()):  # the job's lock aside
         return "fresh"
     old = recorded_identity(folder)
     if old is not None and normalized(old) == normalized(identity):
