@@ -51,13 +51,14 @@ def naming(path: str | Path, *also: str | Path):
 
 @contextlib.contextmanager
 def disk_full_named(folder: str | Path, min_free: int = 16 << 20):
-    """A failure while writing into ``folder`` on a disk left with less than ``min_free`` bytes is raised as the
-    ENOSPC it is, naming the folder: torch.save and DeepSpeed report a full disk as an obscure RuntimeError
-    ("unexpected pos ..."), also from inside a Ray actor."""
+    """A write failure (OSError, RuntimeError, also raised inside a Ray actor) in ``folder`` on a disk left with
+    less than ``min_free`` bytes (5% on a small disk) is raised as the ENOSPC it is, naming the folder: torch.save and
+    DeepSpeed report a full disk as an obscure RuntimeError ("unexpected pos ...")."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - re-raised unchanged unless the disk is full
+    except (OSError, RuntimeError) as e:
         existing = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), None)
-        if existing is not None and shutil.disk_usage(existing).free < min_free:
+        usage = shutil.disk_usage(existing) if existing is not None else None
+        if usage is not None and usage.free < min(min_free, usage.total // 20):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder)) from e
         raise

@@ -234,3 +234,23 @@ def test_a_full_disk_inside_a_ray_actor_is_one_line_naming_the_file():
     assert entry.user_message(text_only) == "[Errno 30] Read-only file system: '/runs/r'"
     assert entry.user_message(OSError(errno.EIO, "Input/output error", "/x")) is None  # not a person's to fix
 
+
+
+def test_torch_save_on_a_full_disk_is_named_as_a_full_disk(mount):
+    """torch.save (and so DeepSpeed's checkpoint) says ``unexpected pos ...`` on a full disk; a checkpoint save
+    (jobs/grpo_run.py) turns that into ENOSPC naming the checkpoint folder. Other failures pass unchanged."""
+    import torch
+
+    from uniar_ray.files import disk_full_named
+
+    folder = mount("64k") / "checkpoints" / "step-000001"
+    folder.mkdir(parents=True)
+    with pytest.raises(OSError) as raised:
+        with disk_full_named(folder):
+            torch.save({"w": torch.zeros(100_000)}, folder / "model.pt")
+    assert raised.value.errno == errno.ENOSPC and entry.user_message(raised.value) == (
+        f"{folder}: No space left on device; free some space or choose another folder")
+    roomy = mount("1m")
+    with pytest.raises(RuntimeError, match="not the disk"):  # with room, another failure stays itself
+        with disk_full_named(roomy):
+            raise RuntimeError("not the disk")
