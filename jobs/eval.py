@@ -550,8 +550,7 @@ def score_geneval(plan: Plan) -> dict[str, Any]:
                          "reason": res.reason, "metadata": line.strip()})
     if not rows:
         return {"scored": False, "reason": "no images to score"}
-    with open(plan.out_dir / "geneval_results.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    atomic_write_text(plan.out_dir / "geneval_results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     summary = summarize(rows)
     return {"scored": True, "score": summary["overall"], "detector": sc.geneval_detector, **summary}
 

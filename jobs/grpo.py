@@ -24,7 +24,7 @@ from uniar_ray import checkpoint as ckpt
 from uniar_ray import grpo
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
 from uniar_ray.data import resolve_data_path
-from uniar_ray.files import naming
+from uniar_ray.files import atomic_write
 from uniar_ray.runlog import RunDir
 from uniar_ray.tracking import Tracker
 
@@ -58,8 +58,8 @@ def train(cfg: GRPORunConfig, run: RunDir, candidates: list, resumed: bool):
         step, prefetched = resume(run, parts, candidates) if resumed else (0, None)
         record_placement(run, parts)
         first_step = step
-        with naming(run.path / "config.json"):  # once the run is really this one
-            (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        config = json.dumps(to_dict(cfg), indent=2)
+        atomic_write(run.path / "config.json", lambda f: f.write(config), "w")  # once the run is really this one
         tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step)
         # one_step: step's roll-out is submitted now; after a resume it is the one the checkpoint saved
         pending = parts.prefetch(step, prefetched) if cfg.async_mode == "one_step" or prefetched else None

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import ray
 
 from uniar_ray.config import GRPORunConfig
+from uniar_ray.files import atomic_write
 from uniar_ray.limits import check_grpo_inputs
 from actors.group import gather
 from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError
@@ -218,7 +219,7 @@ class Parts:
         shown = [(im, r) for im, r in zip(self.last_images, self.last_batch.rollouts) if im is not None][:16]
         if shown:
             grid = captioned_grid([Image.fromarray(im) for im, _ in shown], [f"{r.reward:.3f} {r.prompt}" for _, r in shown])
-            grid.save(run.path / "grids" / f"step-{step:06d}.png")
+            atomic_write(run.path / "grids" / f"step-{step:06d}.png", lambda f: grid.save(f, format="PNG"))
 
     def close(self, join_timeout_s: float = 30.0) -> None:
         """Kill every actor first, so that a background step waiting on one fails at once instead of waiting

@@ -16,7 +16,7 @@ import ray
 
 from uniar_ray import checkpoint as ckpt
 from uniar_ray import runlock
-from uniar_ray.files import disk_full_named, naming
+from uniar_ray.files import atomic_write, disk_full_named
 from uniar_ray.config import GRPORunConfig, to_dict
 from uniar_ray.rollout.types import load_rollouts, save_rollouts
 from uniar_ray.runlog import RunDir, restore_rng
@@ -44,7 +44,7 @@ def record_placement(run: RunDir, parts: "Parts", digests: bool = False) -> None
         if len(set(rec["trainer_param_sha256"])) > 1:
             print(f"[grpo] warning: trainer ranks hold different parameters: {rec['trainer_param_sha256']}",
                   file=sys.stderr)
-    path.write_text(json.dumps(rec, indent=2) + "\n")
+    atomic_write(path, lambda f: f.write(json.dumps(rec, indent=2) + "\n"), "w")
 
 
 def open_run(cfg: GRPORunConfig, resume) -> tuple[RunDir, list]:
@@ -121,8 +121,7 @@ def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
         parts.trainer.save_checkpoint(folder / "trainer")
         parts.trainer.save_model(folder / ckpt.MODEL_DIR / "ar_model")
         ckpt.link_decoder(folder / ckpt.MODEL_DIR, parts.cfg.decoder, run.path)
-        with naming(folder / "config.json"):
-            (folder / "config.json").write_text(json.dumps(to_dict(parts.cfg), indent=2))
+        atomic_write(folder / "config.json", lambda f: f.write(json.dumps(to_dict(parts.cfg), indent=2)), "w")
         rollouts = parts.prefetched_rollouts(step)
         if rollouts is not None:  # one_step: sampled before this update, from the weights a resume no longer has
             save_rollouts(folder / PREFETCHED, rollouts)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import atomic_write_text, looks_whole
+from benchmarks.common import atomic_write, atomic_write_text, looks_whole
 from jobs import eval as eval_job
 from jobs import start_ray
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, SweepConfig, load_config, parse_cli
@@ -168,9 +168,10 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
         ax.set_ylabel("score")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # a full disk leaves the previous plot, never a 0-byte one
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
 
 
