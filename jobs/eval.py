@@ -25,16 +25,16 @@ from benchmarks.common import (
     BadLine,
     PromptFileError,
     PromptRecord,
+    SampleCheck,
     atomic_write_text,
     iter_prompts,
-    SampleCheck,
     remove_stale_temps,
 )
 from jobs import entry, start_ray
+from uniar_ray import runlock
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
 from uniar_ray.limits import LimitError, ModelLimits, decoder_output_size, fit_prompt
 from uniar_ray.model.loading import check_weight_files
-from uniar_ray import runlock
 from uniar_ray.run_identity import claim_folder, clear_outputs
 
 MAX_PRINTED_FAILURES = 20

@@ -17,10 +17,10 @@ from contextlib import contextmanager
 
 import ray
 
+from actors.group import gather
 from uniar_ray.config import GRPORunConfig
 from uniar_ray.files import atomic_write
 from uniar_ray.limits import check_grpo_inputs
-from actors.group import gather
 from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError
 from uniar_ray.runlog import RunDir
 
