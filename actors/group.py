@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -23,15 +23,32 @@ class ActorGroup:
     def broadcast(self, method: str, *args, **kwargs) -> list[ray.ObjectRef]:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
-    def map(self, method: str, items: list, *args, timeout_s: float | None = None, **kwargs) -> list:
+    def map(self, method: str, items: list, *args, timeout_s: float | None = None,
+            on_error: Callable[[BaseException, list], list] | None = None, **kwargs) -> list:
         """Split ``items`` into contiguous shards (one per actor), call ``method(shard, ...)``, concatenate.
-        ``timeout_s``: how long to wait for all of them (``ray.exceptions.GetTimeoutError`` past it)."""
-        shards = split_even(items, len(self.actors))
-        refs = [getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards) if s]
-        out = []
-        for part in ray.get(refs, timeout=timeout_s):
-            out.extend(part)
-        return out
+        ``timeout_s``: how long to wait for all of them (``ray.exceptions.GetTimeoutError`` past it).
+        ``on_error(error, shard)``: the results that stand for a shard whose call failed (its actor died past its
+        restarts, or the method raised), so the other shards' results are kept; without it the error is raised."""
+        shards = [s for s in split_even(items, len(self.actors)) if s]
+        refs = [getattr(a, method).remote(s, *args, **kwargs) for a, s in zip(self.actors, shards)]
+        return gather(refs, shards, timeout_s, on_error)
+
+
+def gather(refs: list, shards: list[list], timeout_s: float | None = None,
+           on_error: Callable[[BaseException, list], list] | None = None) -> list:
+    """The shards' results in order (see ``ActorGroup.map``); a wait past ``timeout_s`` always raises."""
+    if on_error is None:
+        return [x for part in ray.get(refs, timeout=timeout_s) for x in part]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out = []
+    for ref, shard in zip(refs, shards):
+        try:
+            out.extend(ray.get(ref, timeout=0 if timeout_s is not None else None))
+        except ray.exceptions.GetTimeoutError:
+            raise
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError) as e:
+            out.extend(on_error(e, shard))
+    return out
 
 
 def split_even(items: list, parts: int) -> list[list]:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -18,6 +16,7 @@ from PIL import Image
 from uniar_ray import datasets
 # One record for a reported bad line and one line reader, shared with the RL data reader.
 from uniar_ray.data import BadLine, decode_line, iter_lines
+from uniar_ray.files import atomic_write
 from uniar_ray.paths import PathOutsideRoot, inside_root
 
 SAMPLE_NAME = re.compile(r"^(\d{4})\.png$")
@@ -156,30 +155,10 @@ def _parse_line(line: str, default_idx: int) -> PromptRecord:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Atomic writes: a temporary hidden name in the same folder, then os.replace
+# Atomic writes (uniar_ray/files.py): a temporary hidden name in the same folder, fsync, then os.replace
 # ----------------------------------------------------------------------------------------------------------------
 # The temporary names start with "." and end with ".tmp", so none of the official scorers' globs (GenEval's digit
 # prefix, LongText's *.png, OneIG's <id>*) can pick up a file that a killed run left half-written.
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(file)`` on a temporary file, then rename it to ``path``; on any error nothing is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-        # No fsync: a killed process's bytes survive in the page cache, and the rename is atomic; only a machine
-        # crash could expose a short file, and fsync per image costs more than the whole PNG encode on slow disks.
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -200,6 +179,63 @@ def remove_stale_temps(folder: str | Path) -> int:
     return removed
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Finished samples: verified, not assumed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def image_problem(path: str | Path, size: tuple[int, int] | None = None) -> str:
+    """Why ``path`` is not a whole image (of ``size`` = (width, height) when given), or '' when it is: every pixel
+    is decoded, so a file cut short or emptied (a full disk, a copy that stopped) is found."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if size is not None and image.size != tuple(size):
+                return f"{image.width}x{image.height} pixels, expected {size[0]}x{size[1]}"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"not a readable image ({e})"
+    return ""
+
+
+def looks_whole(path: str | Path) -> bool:
+    """A cheap check without decoding: a PNG ends with its IEND chunk, a WebP is as long as its RIFF header says,
+    any other file is not empty (a read-back of a finished run; jobs.eval's resume decodes every sample)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(12)
+            f.seek(max(0, size - 12))
+            tail = f.read(12)
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG"):
+        return tail == b"\x00\x00\x00\x00IEND\xaeB`\x82"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return int.from_bytes(head[4:8], "little") + 8 == size
+    return size > 0
+
+
+class SampleCheck:
+    """What a writer counts as a finished sample on resume: a file that decodes whole, at ``size`` (width, height)
+    when the run knows it. A damaged one is deleted (and listed in ``removed``) so that it is made again."""
+
+    def __init__(self, size: tuple[int, int] | None = None):
+        self.size = size
+        self.removed: list[str] = []
+
+    def done(self, path: Path, cells: tuple[int, int] = (1, 1)) -> bool:
+        """``cells``: a grid of (columns, rows) samples (OneIG) is that many times the sample size."""
+        if not path.exists():
+            return False
+        why = image_problem(path, None if self.size is None else (self.size[0] * cells[0], self.size[1] * cells[1]))
+        if not why:
+            return True
+        path.unlink()
+        self.removed.append(f"{path}: {why}")
+        return False
+
+
 def save_png_once(path: Path, image: Image.Image) -> bool:
     """Write ``image`` as an RGB PNG at ``path`` atomically, unless it exists (resume): True when written."""
     if path.exists():
@@ -218,11 +254,13 @@ def as_rgb(image: Image.Image) -> Image.Image:
 
 
 class Writer(Protocol):
-    """What the eval pipeline calls. ``pending`` lists the sample numbers still to generate (resume);
-    ``write_sample`` never overwrites (returns False when the output already exists); ``finalize`` packs a prompt's
-    outputs when the layout needs all samples at once (OneIG) and is a no-op otherwise."""
+    """What the eval pipeline calls. ``pending`` lists the sample numbers still to generate (resume): missing, or
+    failing ``check`` (a damaged file is removed there); ``write_sample`` never overwrites (returns False when the
+    output already exists); ``finalize`` packs a prompt's outputs when the layout needs all samples at once (OneIG)
+    and is a no-op otherwise."""
 
     samples_per_prompt: int
+    check: SampleCheck  # the eval job sets the expected sample size
 
     def pending(self, record: PromptRecord) -> list[int]: ...
 
@@ -239,6 +277,7 @@ class UnifiedWriter:
     def __init__(self, out_dir: str | Path, samples_per_prompt: int):
         self.out_dir = Path(out_dir)
         self.samples_per_prompt = samples_per_prompt
+        self.check = SampleCheck()
 
     def prompt_dir(self, record: PromptRecord) -> Path:
         return self.out_dir / f"{record.idx:05d}"
@@ -250,7 +289,7 @@ class UnifiedWriter:
         return [p for k in range(self.samples_per_prompt) if (p := self.sample_path(record, k)).exists()]
 
     def pending(self, record: PromptRecord) -> list[int]:
-        return [k for k in range(self.samples_per_prompt) if not self.sample_path(record, k).exists()]
+        return [k for k in range(self.samples_per_prompt) if not self.check.done(self.sample_path(record, k))]
 
     def write_metadata(self, record: PromptRecord) -> None:
         path = self.prompt_dir(record) / "metadata.json"

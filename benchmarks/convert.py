@@ -1,7 +1,8 @@
 """Convert a unified-layout run (``<idx:05d>/metadata.json`` + ``samples/NNNN.png``) to a benchmark's official layout.
 
 ``python -m benchmarks.convert --benchmark longtext --src runs/x/unified --dst runs/x/longtext``; exit 1 on problems
-in the converted layout, 2 when the source cannot be read (the message names the file).
+in the converted layout, 2 when the source cannot be read, holds no samples, or contains the destination (one line
+naming the path, through jobs/entry.py).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 import benchmarks
-from benchmarks.common import PromptFileError, remove_stale_temps
+from benchmarks.common import PromptFileError, iter_unified, remove_stale_temps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,17 +27,29 @@ def main(argv: list[str] | None = None) -> int:
 
     module = benchmarks.get(args.benchmark)
     samples = args.samples or module.DEFAULTS.samples_per_prompt
+    check_folders(Path(args.src), Path(args.dst))
     if Path(args.dst).is_dir():
         remove_stale_temps(args.dst)  # left by a killed earlier conversion
-    try:
-        report = module.convert(args.src, args.dst, samples_per_prompt=samples, model_name=args.model_name,
-                                pad_missing=args.pad_missing, basic_edit=args.basic_edit)
-    except (PromptFileError, FileNotFoundError, PermissionError) as e:  # the source run, named: no traceback
-        print(f"{args.benchmark}: error: {e}", file=sys.stderr)
-        return 2
+    report = module.convert(args.src, args.dst, samples_per_prompt=samples, model_name=args.model_name,
+                            pad_missing=args.pad_missing, basic_edit=args.basic_edit)
     print(f"{args.benchmark}: {report}")
     return 0 if report.ok else 1
 
 
+def check_folders(src: Path, dst: Path) -> None:
+    """The source must be a unified run with samples; the destination must be outside it (converting into the
+    source would walk its own output)."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise PromptFileError(f"--dst {dst} is {'the same folder as' if d == s else 'inside'} --src {src}: choose a "
+                              "destination outside the source run")
+    if not any(samples for _, samples in iter_unified(src)):
+        hint = f" (for a jobs.eval run: --src {src / 'images'})" if (src / "images").is_dir() else ""
+        raise PromptFileError(f"--src {src} holds no samples (no <idx:05d>/samples/NNNN.png): give the unified run's "
+                              f"folder{hint}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from jobs import entry
+
+    entry.run(lambda argv: sys.exit(main(argv)), "convert")

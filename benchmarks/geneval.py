@@ -70,7 +70,7 @@ def writer(out_dir: str | Path, samples_per_prompt: int = DEFAULTS.samples_per_p
 
 def convert(src: str | Path, dst: str | Path, samples_per_prompt: int = DEFAULTS.samples_per_prompt,
             **_: Any) -> Report:
-    """Unified run -> GenEval layout (copies PNGs; ``src == dst`` just adds the metadata.jsonl files)."""
+    """Unified run -> GenEval layout (copies PNGs and writes each folder's metadata.jsonl)."""
     out = GenEvalWriter(dst, samples_per_prompt)
     report = Report()
     records = []

@@ -17,6 +17,7 @@ from benchmarks.common import (
     BenchmarkDefaults,
     PromptRecord,
     Report,
+    SampleCheck,
     as_rgb,
     save_png_once,
     iter_unified,
@@ -132,6 +133,7 @@ class ImgEditWriter:
             raise ValueError(f"imgedit takes exactly 1 sample per prompt (flat <key>.png), got {samples_per_prompt}")
         self.out_dir = Path(out_dir)
         self.samples_per_prompt = 1
+        self.check = SampleCheck()
 
     def sample_path(self, record: PromptRecord, k: int = 0) -> Path:
         return self.out_dir / f"{original_id(record)}.png"
@@ -141,7 +143,7 @@ class ImgEditWriter:
         return [path] if path.exists() else []
 
     def pending(self, record: PromptRecord) -> list[int]:
-        return [] if self.sample_path(record).exists() else [0]
+        return [] if self.check.done(self.sample_path(record)) else [0]
 
     def write_sample(self, record: PromptRecord, k: int, image: Image.Image) -> bool:
         if k != 0:

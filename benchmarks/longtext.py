@@ -17,6 +17,7 @@ from benchmarks.common import (
     BenchmarkDefaults,
     PromptRecord,
     Report,
+    SampleCheck,
     as_rgb,
     save_png_once,
     _check_sample_number,
@@ -50,6 +51,7 @@ class LongTextWriter:
     def __init__(self, out_dir: str | Path, samples_per_prompt: int = DEFAULTS.samples_per_prompt):
         self.out_dir = Path(out_dir)
         self.samples_per_prompt = samples_per_prompt
+        self.check = SampleCheck()
 
     def sample_path(self, record: PromptRecord, k: int) -> Path:
         return self.out_dir / f"{prompt_id(record)}_{k}.png"
@@ -58,7 +60,7 @@ class LongTextWriter:
         return [p for k in range(self.samples_per_prompt) if (p := self.sample_path(record, k)).exists()]
 
     def pending(self, record: PromptRecord) -> list[int]:
-        return [k for k in range(self.samples_per_prompt) if not self.sample_path(record, k).exists()]
+        return [k for k in range(self.samples_per_prompt) if not self.check.done(self.sample_path(record, k))]
 
     def write_sample(self, record: PromptRecord, k: int, image: Image.Image) -> bool:
         _check_sample_number(k, self.samples_per_prompt)

@@ -21,6 +21,7 @@ from benchmarks.common import (
     BenchmarkDefaults,
     PromptRecord,
     Report,
+    SampleCheck,
     UnifiedWriter,
     as_rgb,
     atomic_save_image,
@@ -137,11 +138,19 @@ class OneIGWriter:
     def grid_path(self, record: PromptRecord) -> Path:
         return self.out_dir / category_folder(record) / self.model_name / f"{prompt_id(record)}.webp"
 
+    @property
+    def check(self) -> SampleCheck:  # one check for the staged samples and the grids made of them
+        return self.staging.check
+
+    @check.setter
+    def check(self, value: SampleCheck) -> None:
+        self.staging.check = value
+
     def sample_paths(self, record: PromptRecord) -> list[Path]:
         return self.staging.sample_paths(record)
 
     def pending(self, record: PromptRecord) -> list[int]:
-        return [] if self.grid_path(record).exists() else self.staging.pending(record)
+        return [] if self.check.done(self.grid_path(record), cells=GRID) else self.staging.pending(record)
 
     def write_sample(self, record: PromptRecord, k: int, image: Image.Image) -> bool:
         if self.grid_path(record).exists():

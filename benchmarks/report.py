@@ -28,10 +28,15 @@ def contact_sheet(rows: Sequence[tuple[str, Sequence[str | Path]]], out_path: st
         text = "\n".join(textwrap.wrap(label, width=max(20, cols * thumb // 7))[:3])
         draw.multiline_text((4, y + 2), text, fill=(0, 0, 0))
         for c, path in enumerate(paths):
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                image.thumbnail((thumb, thumb))
-                sheet.paste(image, (c * thumb + (thumb - image.width) // 2, y + label_height))
+            try:
+                with Image.open(path) as image:
+                    image = image.convert("RGB")
+            except (OSError, ValueError, SyntaxError) as e:  # a damaged sample is named in its cell, never fatal
+                draw.text((c * thumb + 4, y + label_height + 4), f"unreadable:\n{Path(path).name}\n{str(e)[:60]}",
+                          fill=(200, 0, 0))
+                continue
+            image.thumbnail((thumb, thumb))
+            sheet.paste(image, (c * thumb + (thumb - image.width) // 2, y + label_height))
     atomic_save_image(sheet, out_path, "PNG")
     return Path(out_path)
 

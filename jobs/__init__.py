@@ -11,14 +11,25 @@ CONFIG_SCHEMAS = {"demo": DemoConfig, "eval": EvalConfig, "sweep": SweepConfig, 
 def start_ray(cfg) -> bool:
     """Join ``cfg.cluster.address`` when it is set, else start an embedded local Ray (``address="local"``: never an
     unrelated Ray on the machine, nor RAY_ADDRESS from the environment); say which. True when this call started it."""
-    import os
-    import sys
-
     import ray
 
     if ray.is_initialized():
         return False
-    c = cfg.cluster
+    from jobs.entry import keep_stop_handlers
+
+    try:
+        with keep_stop_handlers():  # a SIGTERM during the start-up stops the job like any other
+            _init(ray, cfg.cluster)
+    except BaseException:  # stopped (or failed) half-way: what was started goes with it
+        ray.shutdown()
+        raise
+    return True
+
+
+def _init(ray, c) -> None:
+    import os
+    import sys
+
     if c.address:
         ray.init(address=c.address)
         print(f"[ray] joined the cluster at {c.address} (GCS {ray.get_runtime_context().gcs_address})", file=sys.stderr)
@@ -29,7 +40,6 @@ def start_ray(cfg) -> bool:
                  log_to_driver=c.log_to_driver)
         print(f"[ray] started an embedded local Ray (GCS {ray.get_runtime_context().gcs_address}{ignored}; "
               f"set cluster.address=auto to join a cluster)", file=sys.stderr)
-    return True
 
 
 def _token_for_local_ray() -> None:

@@ -56,9 +56,13 @@ def main(argv: list[str] | None = None) -> str:
     from uniar_ray.model import UniARPolicy, resolve_ar_folder
     from uniar_ray.model.chat import ChatProcessor
 
+    from jobs.generate import check_model_files
+
     # the picture first: a missing file or a URL that does not answer is reported before the model loads
     picture = open_image_source(args.image)[1] if args.image else None
-    folder = resolve_ar_folder(_model_root(args.model, args.seed))
+    root = _model_root(args.model, args.seed)
+    check_model_files(root, decoder=False)  # a damaged checkpoint: one line naming the file
+    folder = resolve_ar_folder(root)
     dtype = DTYPES[args.dtype]
     attn, note = usable_attn(args.attn, args.device)
     if note:
@@ -87,4 +91,6 @@ def _model_root(model: str, seed: int) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs import entry
+
+    entry.run(main, "chat")

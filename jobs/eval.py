@@ -25,14 +25,15 @@ from benchmarks.common import (
     BadLine,
     PromptFileError,
     PromptRecord,
+    SampleCheck,
     atomic_write_text,
     iter_prompts,
     remove_stale_temps,
 )
-from jobs import start_ray
-from uniar_ray import preflight
+from jobs import entry, start_ray
+from uniar_ray import preflight, runlock
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, RolloutConfig, parse_cli, to_dict
-from uniar_ray.limits import LimitError, ModelLimits, fit_prompt
+from uniar_ray.limits import LimitError, ModelLimits, decoder_output_size, fit_prompt
 from uniar_ray.model.loading import check_weight_files
 from uniar_ray.run_identity import claim_folder, clear_outputs
 
@@ -43,15 +44,17 @@ OUTPUTS = ("images", "config.json", "results.json", "summary.md", "preview.png",
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(EvalConfig, argv, default_config="configs/eval/quick_tiny.yaml")
-    plan = make_plan(cfg)  # before Ray: the folder's identity, model files, prompts and limits fail fast
-    started = start_ray(cfg) if plan.rows else False  # nothing to generate: no Ray needed
-    try:
-        results = run(cfg, plan)
-    finally:
-        if started:
-            import ray
+    preflight.check_output_folder(out_dir_of(cfg), "out_dir")  # before the lock creates it
+    with runlock.claim(out_dir_of(cfg), "out_dir", "eval"):  # this job's until it ends; a second one is refused
+        plan = make_plan(cfg)  # before Ray: the folder's identity, model files, prompts and limits fail fast
+        started = start_ray(cfg) if plan.rows else False  # nothing to generate: no Ray needed
+        try:
+            results = run(cfg, plan)
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     print(results["out_dir"])
     if results["samples_expected"] and not results["samples_written"] + results["samples_already_there"]:
         first = "; ".join(f["error"] for f in results["failures"][:3])
@@ -61,12 +64,38 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def run(cfg: EvalConfig, plan: "Plan | None" = None) -> dict[str, Any]:
-    """One eval run on an already started Ray: plan (resume), stream, then finalize, score and report."""
-    plan = plan or make_plan(cfg)
+    """One eval run on an already started Ray: plan (resume), stream, then finalize, score and report. Without a
+    plan (a sweep's cell) the folder is claimed here for the run."""
+    if plan is None:
+        with runlock.claim(out_dir_of(cfg), "out_dir", "eval"):
+            return run(cfg, make_plan(cfg))
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan.out_dir / "config.json", json.dumps(plan.config_record(), indent=2) + "\n")
-    stats = stream(plan) if plan.rows else {"seconds": 0.0, "startup_s": 0.0, "written": 0}
-    return finish(plan, stats)
+    try:
+        if plan.rows:  # earlier reports describe files about to change: not complete until finish says so
+            write_partial(plan, "running")
+        stats = stream(plan) if plan.rows else {"seconds": 0.0, "startup_s": 0.0, "written": 0}
+        return finish(plan, stats)
+    except KeyboardInterrupt as e:  # a stop signal: say what is there; a rerun resumes
+        write_partial(plan, entry.describe_stop(e))
+        raise
+
+
+def out_dir_of(cfg: EvalConfig) -> Path:
+    return Path(cfg.out_dir or f"runs/eval/{cfg.benchmark.name}").resolve()
+
+
+def write_partial(plan: "Plan", status: str) -> None:
+    """results.json of a run that has not finished (``complete: false``, what is there so far); summary.md goes
+    until finish writes it again."""
+    results = {"benchmark": plan.name, "model": plan.cfg.model.path, "score": None, "complete": False,
+               "status": status, "prompts": len(plan.records),
+               "samples_expected": len(plan.records) * plan.bench.samples_per_prompt,
+               "samples_already_there": plan.already_done, "samples_written": plan.written,
+               "samples_failed": len(plan.failures), "out_dir": str(plan.out_dir), "images_dir": str(plan.images_dir),
+               "failures": plan.failures}
+    atomic_write_text(plan.out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    (plan.out_dir / "summary.md").unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,6 +119,7 @@ class Plan:
     bad_lines: list[BadLine] = dataclasses.field(default_factory=list)
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     already_done: int = 0
+    written: int = 0  # samples written by this run so far
     truncated: list[int] = dataclasses.field(default_factory=list)  # idx of prompts cut to max_prompt_tokens
 
     @property
@@ -114,7 +144,7 @@ class Plan:
 def make_plan(cfg: EvalConfig) -> Plan:
     bench = benchmarks.resolve(cfg.benchmark)
     root = model_root(cfg.model, cfg.tiny_cache)
-    out_dir = Path(cfg.out_dir or f"runs/eval/{cfg.benchmark.name}").resolve()
+    out_dir = out_dir_of(cfg)
     preflight.eval_checks(cfg, out_dir)  # this machine against the config, and an output folder that can be made
     identity = run_identity(cfg)
     state = claim_folder(out_dir, identity, overwrite=cfg.overwrite)
@@ -130,8 +160,14 @@ def make_plan(cfg: EvalConfig) -> Plan:
     for folder in {plan.model_root, plan.decoder_root}:
         check_weight_files(folder)
     limits = ModelLimits.load(str(plan.model_root), plan.decoder_root)
-    add_rows(plan, limits, start_over=state == "overwrite")
     s = plan.settings
+    hw = decoder_output_size(plan.decoder_root, s.ar_height, s.ar_width, s.upsampling_ratio)
+    plan.writer.check = SampleCheck(hw[::-1] if hw else None)  # resume: a sample is done if it decodes at this size
+    add_rows(plan, limits, start_over=state == "overwrite")
+    if plan.writer.check.removed:
+        removed = plan.writer.check.removed
+        print(f"[eval] {len(removed)} damaged sample file(s) removed, to be made again: {removed[0]}"
+              + (f" (and {len(removed) - 1} more)" if len(removed) > 1 else ""), file=sys.stderr)
     limits.check_ar_size(s.ar_height, s.ar_width, s.upsampling_ratio, images=2 if plan.edit else 1,
                          prompt_tokens=max((limits.count(r["prompt"]) for r in plan.rows), default=0))
     if state == "overwrite":  # only now: a start refused by any check above leaves the old run as it was
@@ -367,6 +403,7 @@ def stream(plan: Plan) -> dict[str, float]:
                     plan.fail(int(idx), int(k), str(error))
                 else:
                     written += plan.writer.write_sample(by_idx[int(idx)], int(k), Image.fromarray(image))
+                    plan.written = written
                 bar.update(1)
             bar.set_postfix(failed=len(plan.failures), refresh=False)
     seconds = time.perf_counter() - t0
@@ -506,8 +543,7 @@ def score_geneval(plan: Plan) -> dict[str, Any]:
                          "reason": res.reason, "metadata": line.strip()})
     if not rows:
         return {"scored": False, "reason": "no images to score"}
-    with open(plan.out_dir / "geneval_results.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    atomic_write_text(plan.out_dir / "geneval_results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     summary = summarize(rows)
     return {"scored": True, "score": summary["overall"], "detector": sc.geneval_detector, **summary}
 
@@ -521,7 +557,5 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 if __name__ == "__main__":
     from jobs import eval as job  # the stage classes then pickle by reference to jobs.eval, not by value
-
-    from jobs import entry
 
     entry.run(job.main, "eval")

@@ -161,9 +161,25 @@ def load_models(model: str, dtype, device: str, attn_impl: str = "sdpa"):
     from uniar_ray.model import UniARPolicy
 
     root = cached_tiny_checkpoint() if model == "tiny" else Path(model)
+    check_model_files(root)
     print(f"loading model: {root}", file=sys.stderr)
     return (UniARPolicy.from_pretrained(root, dtype=dtype, device=device, attn_impl=attn_impl),
             UniARDecoder.from_pretrained(root, dtype=dtype, device=device))
+
+
+def check_model_files(root: Path, decoder: bool = True) -> None:
+    """What jobs.eval checks before it loads (the same calls): every weight file whole, config.json readable, the
+    tokenizer files there, and with ``decoder`` the decoder's folders: a damaged checkpoint is one line naming the
+    file, not a traceback from deep in a loader."""
+    from uniar_ray.limits import ModelLimits
+    from uniar_ray.model.loading import check_weight_files, resolve_ar_folder
+
+    if decoder:
+        from uniar_ray.decoder.loading import resolve_components
+
+        resolve_components(root)
+    check_weight_files(root if decoder else resolve_ar_folder(root))
+    ModelLimits.load(str(root), root if decoder else None)
 
 
 class StepBar:
@@ -182,4 +198,6 @@ class StepBar:
 
 
 if __name__ == "__main__":
-    main()
+    from jobs import entry
+
+    entry.run(main, "generate")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from jobs import start_ray
+from jobs import entry, start_ray
 from jobs.grpo_parts import SECONDARY_EXCLUSION, Parts, timed
 from jobs.grpo_run import (check_run_folder, last_checkpoint_note, open_run, record_placement, resume,
                            save_checkpoint)
@@ -28,6 +28,7 @@ from jobs.grpo_validation import summary_line as validation_summary
 from uniar_ray import checkpoint as ckpt
 from uniar_ray import gallery, grpo, preflight
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
+from uniar_ray.files import atomic_write
 from uniar_ray.runlog import RunDir
 from uniar_ray.tracking import Tracker
 
@@ -44,7 +45,18 @@ def main(argv: list[str] | None = None):
         run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
     except ckpt.ResumeError as e:
         raise SystemExit(f"[grpo] {e}") from None
-    start_ray(cfg)
+    started = False  # the folder is this job's from here until the end, whatever ends it
+    try:
+        started = start_ray(cfg)
+        return train(cfg, checked, run, candidates, resumed=bool(args.resume))
+    finally:
+        entry.close_all("grpo", lambda: started and ray.shutdown(), run.close)
+
+
+def train(cfg: GRPORunConfig, checked, run: RunDir, candidates: list, resumed: bool):
+    """The step loop, from the actors' start to the summary. A stop signal ends it in one line (status 143 / 130)
+    wherever it is (a step, a save, the prefetch, a validation); the actors are stopped and the last complete
+    checkpoint is named."""
     parts = Parts(cfg, checked)  # rollout engines, decoder pool, reward pools, trainers, data sampler
     budget = grpo.FailureBudget(cfg.grpo.max_excluded_fraction, cfg.grpo.failure_window)
     trained = 0
@@ -52,10 +64,11 @@ def main(argv: list[str] | None = None):
     tracker = None
     try:
         check_run_folder(run, parts)  # one folder for the driver and every rank, or stop naming the node
-        step, prefetched = resume(run, parts, candidates) if args.resume else (0, None)
+        step, prefetched = resume(run, parts, candidates) if resumed else (0, None)
         record_placement(run, parts)
         first_step = step
-        (run.path / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))  # once the run is really this one
+        config = json.dumps(to_dict(cfg), indent=2)
+        atomic_write(run.path / "config.json", lambda f: f.write(config), "w")  # once the run is really this one
         tracker = Tracker(cfg.tracking, run.path, to_dict(cfg), start_step=step)
         # one_step: step's roll-out is submitted now; after a resume it is the one the checkpoint saved
         pending = parts.prefetch(step, prefetched) if cfg.async_mode == "one_step" or prefetched else None
@@ -93,15 +106,12 @@ def main(argv: list[str] | None = None):
             raise
         raise SystemExit(f"[grpo] lost Ray node(s) {', '.join(lost)} ({type(e).__name__}); stopping. "
                          f"{last_checkpoint_note(run)} Bring the node(s) back and rerun with --resume.") from None
-    except KeyboardInterrupt:
-        print(f"[grpo] interrupted at step {step}; shutting down. {last_checkpoint_note(run)}", file=sys.stderr,
-              flush=True)
-        raise SystemExit(130) from None
-    finally:
-        if tracker is not None:  # the run started (a resume refused at loading leaves its folder as it was)
-            run.plot_rewards()
-            tracker.close()
-        parts.close()
+    except KeyboardInterrupt as e:  # SIGINT or SIGTERM (jobs/entry.py), at any point of a step, a save, a prefetch
+        print(f"[grpo] {entry.describe_stop(e)} at step {step}; shutting down. {last_checkpoint_note(run)}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(entry.exit_status(e)) from None
+    finally:  # each part runs even if one fails; a failure here never hides the error that ended the run
+        entry.close_all("grpo", *((run.plot_rewards, tracker.close) if tracker is not None else ()), parts.close)
     if not trained and first_step < cfg.steps:  # every step was skipped: the job did not do its work
         raise SystemExit(f"[grpo] no step of this run updated the model (every prompt group was excluded); see the "
                          f"per-step causes above. {last_checkpoint_note(run)}")
@@ -160,6 +170,7 @@ def grpo_step(cfg: GRPORunConfig, parts: Parts, step: int, pending):
     with timed(m, "advantages"):  # 5. group-normalised advantages
         assign_advantages(cfg, batch, m)
     parts.last_reasons = [r.excluded for r in batch.rollouts if r.excluded and r.excluded != SECONDARY_EXCLUSION]
+    parts.last_reasons += batch.dropped_reasons
     m["skipped_update"] = int(m["excluded_groups_all"] == m["groups"])
     if m["skipped_update"]:  # nothing to learn from: no optimizer step (no momentum drift), nothing to sync
         print(f"[grpo] step {step}: no prompt group could be scored, the model is not updated; causes (samples): "
@@ -179,9 +190,14 @@ def grpo_step(cfg: GRPORunConfig, parts: Parts, step: int, pending):
 
 
 def assign_advantages(cfg: GRPORunConfig, batch, m: dict) -> None:
-    """Group advantages (uniar_ray.grpo); a group with a failed sample is excluded whole and counted."""
+    """Group advantages (uniar_ray.grpo); a group with a failed sample (roll-out, decode, reward) is excluded whole
+    and counted."""
     import torch
 
+    if not batch.rollouts:  # every roll-out failed: every group is out
+        m.update(reward_mean=math.nan, excluded_groups=batch.dropped, excluded_groups_all=batch.dropped,
+                 groups=batch.dropped)
+        return
     g, names = cfg.grpo.num_generations, list(cfg.rewards.weights)
     R = torch.tensor([[r.rewards.get(n, math.nan) for n in names] for r in batch.rollouts], dtype=torch.float64)
     failed = grpo.whole_groups(torch.tensor([bool(r.excluded) for r in batch.rollouts]), g)
@@ -229,6 +245,4 @@ def show_plan(cfg: GRPORunConfig, cluster_file: str) -> None:
 
 
 if __name__ == "__main__":
-    from jobs import entry
-
     entry.run(main, "grpo")

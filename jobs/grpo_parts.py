@@ -17,9 +17,11 @@ from contextlib import contextmanager
 
 import ray
 
+from actors.group import gather
 from uniar_ray.checkpoint import prefetch_mismatch
 from uniar_ray.config import GRPORunConfig
-from uniar_ray.rollout import GenerationRequest, Rollout
+from uniar_ray.files import atomic_write
+from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError
 from uniar_ray.runlog import RunDir
 
 SECONDARY_EXCLUSION = "another sample of its group failed"  # not a cause of its own: left out of the reasons shown
@@ -101,42 +103,54 @@ class Parts:
         return records, reqs
 
     def generate(self, reqs: list[GenerationRequest]) -> list:
-        """Roll out ``reqs`` with the current policy (``self.weights``): one Rollout or RolloutError each, in order.
-        The one way the driver samples (training steps and validation alike)."""
+        """Roll out ``reqs`` with the current policy (``self.weights``): one Rollout or RolloutError each, in order
+        (an engine or rank whose call failed past its restarts: a RolloutError for each of its requests, a counted
+        failure). The one way the driver samples (training steps and validation alike)."""
         from actors.rollout_engine import StaleWeightsError
 
-        timeout = self.cfg.rollout.timeout_s
         try:
-            parts = ray.get(self._submit(reqs), timeout=timeout)
+            return self._gather(*self._submit(reqs))
         except StaleWeightsError:  # an engine restarted during the roll-out, after a collective broadcast
             self.weight_sync.publish()  # the trainer holds the weights until the next update: the engine loads them
-            parts = ray.get(self._submit(reqs), timeout=timeout)  # seeds travel with the requests: same samples
-        return [x for part in parts for x in part]
+            return self._gather(*self._submit(reqs))  # seeds travel with the requests: the same samples
 
-    def _submit(self, reqs: list[GenerationRequest]) -> list:
-        """One object ref per non-empty contiguous share of ``reqs``: the trainer ranks' (colocated) or the rollout
-        engines' (an engine behind on weights is given a reference to load them from first)."""
+    def _submit(self, reqs: list[GenerationRequest]) -> tuple[list, list[list]]:
+        """(one object ref per non-empty contiguous share of ``reqs``, those shares): the trainer ranks'
+        (colocated) or the rollout engines' (an engine behind on weights is given a reference to load them from)."""
         from actors.group import split_even
 
         if self.colocated:  # run in submission order on each rank: before any update submitted after
-            return self.trainer.submit_generate(reqs, self.weights.version)
+            refs = self.trainer.submit_generate(reqs, self.weights.version)
+            return refs, [s for s in split_even(reqs, len(self.trainer.actors)) if s]
         self.weight_sync.catch_up()
-        shards = split_even(reqs, len(self.rollout_group.actors))
-        return [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards) if s]
+        shards = [s for s in split_even(reqs, len(self.rollout_group.actors)) if s]
+        return [a.generate.remote(s, self.weights) for a, s in zip(self.rollout_group.actors, shards)], shards
+
+    def _gather(self, refs: list, shards: list[list]) -> list:
+        from actors.rollout_engine import StaleWeightsError
+
+        def failed(error: BaseException, shard: list) -> list:
+            if isinstance(error, StaleWeightsError):  # not a failure: generate reloads the weights and retries
+                raise error
+            return failed_rollouts(error, shard)
+
+        return gather(refs, shards, self.cfg.rollout.timeout_s, on_error=failed)
 
     def rollout(self, step: int):
         records, reqs = self._requests(step)
         return _Batch.build(records, reqs, self.generate(reqs), self.cfg.grpo.num_generations)
 
-    def collect(self, step: int, refs=None, records=None, reqs=None):
-        """Stages 1-4 of a step: roll-out (or wait for one already submitted), decode, score."""
+    def collect(self, step: int, submitted=None, records=None, reqs=None):
+        """Stages 1-4 of a step: roll-out (or wait for one already ``submitted``: refs and their shares), decode,
+        score."""
         m: dict[str, float] = {}
         with timed(m, "rollout"):  # 1-2. sample prompts, roll out G per prompt
-            if refs is None:
+            if submitted is None:
                 batch = self.rollout(step)
             else:
-                results = [x for part in ray.get(refs, timeout=self.cfg.rollout.timeout_s) for x in part]
-                batch = _Batch.build(records, reqs, results, self.cfg.grpo.num_generations)
+                batch = _Batch.build(records, reqs, self._gather(*submitted), self.cfg.grpo.num_generations)
+        if not batch.rollouts:  # every group's roll-out failed: nothing to decode or score
+            return batch, [], m
         m["rollout/weight_version"] = min(r.weight_version for r in batch.rollouts)
         with timed(m, "decode"):  # 3. bits -> images (retried; failures exclude their group)
             images = self.decode(batch)
@@ -156,12 +170,9 @@ class Parts:
                 print(f"[grpo] --resume: the checkpoint's prefetched roll-out of step {step} does not match this run "
                       f"({why}); sampling it again", file=sys.stderr, flush=True)
                 rollouts = None
-        if rollouts is None:
-            refs = self._submit(reqs)
-        else:
-            refs = [ray.put(rollouts)]
-        self._prefetched = (step, refs)
-        self._pending = in_background(self.collect, step, refs, records, reqs)
+        submitted = self._submit(reqs) if rollouts is None else ([ray.put(rollouts)], [reqs])
+        self._prefetched = (step, submitted[0])
+        self._pending = in_background(self.collect, step, submitted, records, reqs)
         return self._pending
 
     def data_state(self, step: int) -> dict:
@@ -173,7 +184,10 @@ class Parts:
         """Step ``step``'s roll-out if one_step submitted it before the update (waits for it), else None."""
         if self._prefetched is None or self._prefetched[0] != step:
             return None
-        results = [x for part in ray.get(self._prefetched[1]) for x in part]
+        try:
+            results = [x for part in ray.get(self._prefetched[1]) for x in part]
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError):
+            return None  # an engine died under it: a resume samples the step again
         return results if all(isinstance(r, Rollout) for r in results) else None
 
     # 3 --------------------------------------------------------------------------------------------------------------
@@ -263,7 +277,8 @@ class Parts:
         if not shown:
             return None
         grid = captioned_grid([Image.fromarray(im) for im, _ in shown], [f"{r.reward:.3f} {r.prompt}" for _, r in shown])
-        grid.save(path := run.path / "grids" / f"step-{step:06d}.png")
+        path = run.path / "grids" / f"step-{step:06d}.png"
+        atomic_write(path, lambda f: grid.save(f, format="PNG"))
         return path
 
     def close(self, join_timeout_s: float = 30.0) -> None:
@@ -303,6 +318,13 @@ def pixel_samples(cfg: GRPORunConfig, batch) -> list[int]:
     return [i for i, r in enumerate(batch.rollouts) if not r.excluded and any(applies_to(t, r.task) for t in routes)]
 
 
+def failed_rollouts(error: BaseException, reqs: list[GenerationRequest]) -> list[RolloutError]:
+    """What stands for the requests of an engine call that failed (its actor died past its restarts, or raised): a
+    counted failure of their groups, like a failed decode or reward, never the end of the run."""
+    why = f"rollout engine failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})"
+    return [RolloutError(q.request_id, q.prompt, why) for q in reqs]
+
+
 def _plain(value):
     """A JSON-friendly scalar (numpy values, NaN as None)."""
     value = value.item() if hasattr(value, "item") else value
@@ -330,16 +352,25 @@ class _Batch:
     def __init__(self, records, rollouts, g):
         self.records, self.rollouts, self.g = records, rollouts, g
         self.seeds = [rollouts[i * g].seed for i in range(len(records))]  # one decoder seed per group
+        self.dropped, self.dropped_reasons = 0, []  # every roll-out failed: the groups left out, why (per sample)
 
     def record_of(self, i: int):
         return self.records[i // self.g]
 
     @classmethod
     def build(cls, records, reqs, results, g):
+        """A failed roll-out (a RolloutError) stays in the batch as an excluded stand-in, so the batch keeps its shape
+        (the trainer ranks split it evenly) and its group is excluded and counted against the failure budget, like
+        a failed decode or reward. When every roll-out failed the batch is empty and ``dropped`` counts the groups."""
+        done = [r for r in results if isinstance(r, Rollout)]
+        if not done:
+            batch = cls([], [], g)
+            batch.dropped, batch.dropped_reasons = len(records), [f"rollout failed: {r.error}" for r in results]
+            return batch
         rollouts = []
         for i, (req, res) in enumerate(zip(reqs, results)):
             if not isinstance(res, Rollout):
-                raise RuntimeError(f"rollout failed for {req.request_id}: {res.error}")
+                res = _stand_in(done[0], req, f"rollout failed: {res.error}")
             res.group, res.task = i // g, records[i // g].task
             rollouts.append(res)
         return cls(records, rollouts, g)
@@ -348,6 +379,14 @@ class _Batch:
 def gauge_name(key: str) -> str:
     """The Ray gauge of a metrics.jsonl key (Prometheus adds ``ray_``): ``train/kl`` -> ``uniar_grpo_train_kl``."""
     return "uniar_grpo_" + "".join(c if c.isalnum() else "_" for c in key)
+def _stand_in(template: Rollout, req: GenerationRequest, why: str) -> Rollout:
+    """An excluded sample in the place of a failed roll-out: another sample's tokens and bits (same shapes; the loss
+    never counts an excluded sample), this request's identity."""
+    import dataclasses
+
+    return dataclasses.replace(template, request_id=req.request_id, prompt=req.prompt, seed=req.seed,
+                               temperature=req.temperature, rewards={}, reward_details={}, reward=math.nan,
+                               advantage=0.0, excluded=why)
 
 
 class _Metrics:

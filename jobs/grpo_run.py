@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import ray
 
 from uniar_ray import checkpoint as ckpt
+from uniar_ray import runlock
+from uniar_ray.files import atomic_write, disk_full_named
 from uniar_ray.config import GRPORunConfig, to_dict
 from uniar_ray.rollout.types import load_rollouts, save_rollouts
 from uniar_ray.runlog import RunDir, restore_rng
@@ -50,7 +52,7 @@ def record_placement(run: RunDir, parts: "Parts", digests: bool = False) -> None
             if {d for d in rec["rollout_param_sha256"] if d is not None} - {rec["trainer_param_sha256"][0]}:
                 print("[grpo] warning: a rollout engine holds other weights than trainer rank 0 (placement.json)",
                       file=sys.stderr)
-    path.write_text(json.dumps(rec, indent=2) + "\n")
+    atomic_write(path, lambda f: f.write(json.dumps(rec, indent=2) + "\n"), "w")
 
 
 def check_run_folder(run: RunDir, parts: "Parts") -> None:
@@ -71,16 +73,45 @@ def check_run_folder(run: RunDir, parts: "Parts") -> None:
 
 
 def open_run(cfg: GRPORunConfig, resume) -> tuple[RunDir, list]:
-    """The run folder and, for a resume, the checkpoints it may continue from (newest complete first). A resume
-    whose config breaks the checkpoint's identity is refused before anything is written."""
+    """The run folder, claimed for this job (``run.close()`` releases it; a folder another job holds is refused) and,
+    for a resume, the checkpoints it may continue from (newest complete first). A resume whose config breaks the
+    checkpoint's identity is refused before anything is written."""
     identity = {**to_dict(cfg), "data_fingerprint": _data_fingerprint(cfg)}
     path = cfg.run_dir if resume is True else resume
     if resume is True and not Path(path).exists():
         print(f"[grpo] --resume: {path} does not exist yet; starting a new run there", file=sys.stderr)
         resume = False
     if not resume:
-        return _opened(RunDir(cfg.run_dir), identity), []
+        # Claimed before judging whether it is used, so two jobs started together cannot both take it; a fresh start
+        # that moves to <run_dir>-<time> holds both folders.
+        return _holding(runlock.claim(cfg.run_dir, "run_dir", "grpo"), lambda: (_fresh(cfg.run_dir), []), identity)
     run_path, given = ckpt.resolve_resume(path)
+    return _holding(runlock.claim(run_path, "run_dir", "grpo"), lambda: _resumable(run_path, given, identity), identity)
+
+
+def _holding(lock, open_it, identity: dict) -> tuple[RunDir, list]:
+    """``open_it()`` with ``lock`` held, the run keeping it (and any other it took); released if anything fails."""
+    run = None
+    try:
+        run, candidates = open_it()
+        run.locks.insert(0, lock)
+        _opened(run, identity)
+        return run, candidates
+    except BaseException:
+        if run is not None:
+            run.close()
+        lock.release()
+        raise
+
+
+def _fresh(run_dir: str) -> RunDir:
+    run = RunDir(run_dir)
+    if run.path != Path(run_dir):  # moved to <run_dir>-<time>: that folder is claimed too
+        run.locks.append(runlock.claim(run.path, "run_dir", "grpo"))
+    return run
+
+
+def _resumable(run_path: Path, given: Path | None, identity: dict) -> tuple[RunDir, list]:
     folder, warnings = ckpt.choose_checkpoint([given] if given else ckpt.all_checkpoints(run_path))
     changed = ckpt.check_resume(folder, run_path / "config.json", identity) if folder else []
     for w in warnings:
@@ -89,7 +120,7 @@ def open_run(cfg: GRPORunConfig, resume) -> tuple[RunDir, list]:
         print("[grpo] --resume: settings changed since the checkpoint (allowed):\n  " + "\n  ".join(changed),
               file=sys.stderr)
     candidates = [folder] + [p for p in ckpt.complete_checkpoints(run_path) if p.name < folder.name] if folder else []
-    return _opened(RunDir(run_path, resume=True), identity), candidates[:1] if given else candidates
+    return RunDir(run_path, resume=True), candidates[:1] if given else candidates
 
 
 def _opened(run: RunDir, identity: dict) -> RunDir:
@@ -109,17 +140,18 @@ def save_checkpoint(run: RunDir, parts: "Parts", step: int) -> None:
     """trainer/ (DeepSpeed state), model/ (the published layout: ar_model/ + the decoder linked), config.json, and
     driver_state.json last (step, data position, RNG, file sizes)."""
     folder = run.checkpoint_dir(step)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ckpt.DRIVER_STATE).unlink(missing_ok=True)  # a re-save is incomplete until it is written again
-    parts.trainer.save_checkpoint(folder / "trainer")
-    parts.trainer.save_model(folder / ckpt.MODEL_DIR / "ar_model")
-    ckpt.link_decoder(folder / ckpt.MODEL_DIR, parts.cfg.decoder, run.path)
-    (folder / "config.json").write_text(json.dumps(to_dict(parts.cfg), indent=2))
-    rollouts = parts.prefetched_rollouts(step)
-    if rollouts is not None:  # one_step: sampled before this update, from the weights a resume no longer has
-        save_rollouts(folder / PREFETCHED, rollouts)
-    run.save_driver_state(folder, {"step": step, "data": parts.data_state(step),
-                                   "data_fingerprint": run.identity["data_fingerprint"]})
+    with disk_full_named(folder):  # a full disk is named as one, not as torch.save's "unexpected pos"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ckpt.DRIVER_STATE).unlink(missing_ok=True)  # a re-save is incomplete until it is written again
+        parts.trainer.save_checkpoint(folder / "trainer")
+        parts.trainer.save_model(folder / ckpt.MODEL_DIR / "ar_model")
+        ckpt.link_decoder(folder / ckpt.MODEL_DIR, parts.cfg.decoder, run.path)
+        atomic_write(folder / "config.json", lambda f: f.write(json.dumps(to_dict(parts.cfg), indent=2)), "w")
+        rollouts = parts.prefetched_rollouts(step)
+        if rollouts is not None:  # one_step: sampled before this update, from the weights a resume no longer has
+            save_rollouts(folder / PREFETCHED, rollouts)
+        run.save_driver_state(folder, {"step": step, "data": parts.data_state(step),
+                                       "data_fingerprint": run.identity["data_fingerprint"]})
     run.prune_checkpoints(parts.cfg.keep_checkpoints)
 
 

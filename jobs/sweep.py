@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import atomic_write_text
+from benchmarks.common import atomic_write, atomic_write_text, looks_whole
 from jobs import eval as eval_job
 from jobs import start_ray
 from jobs.grpo_validation import VALIDATION
 from uniar_ray import preflight
 from uniar_ray.config import EvalConfig, EvalSettings, ModelConfig, SweepConfig, load_config, parse_cli
+from uniar_ray import runlock
 from uniar_ray.run_identity import normalized, recorded_identity
 
 COLUMNS = ("checkpoint", "benchmark", "setting", "ar_size", "temperature", "cfg_scale", "decoder_steps", "score",
@@ -34,14 +35,15 @@ SHORT = {"ar_height": "h", "ar_width": "w", "temperature": "T", "cfg_scale": "cf
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(SweepConfig, argv, default_config="configs/sweep.yaml")
     preflight_sweep(cfg)  # before Ray: the checkpoints, every cell's eval config, this machine, the output folder
-    started = start_ray(cfg)
-    try:
-        rows = run_sweep(cfg)
-    finally:
-        if started:
-            import ray
+    with runlock.claim(cfg.out_dir, "out_dir", "sweep"):  # one sweep per folder (each cell is claimed too)
+        started = start_ray(cfg)
+        try:
+            rows = run_sweep(cfg)
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     print(f"[sweep] {len(rows)} runs; table {Path(cfg.out_dir) / 'results.md'}", file=sys.stderr)
     print(Path(cfg.out_dir).resolve())
     return Path(cfg.out_dir).resolve()
@@ -147,7 +149,11 @@ def finished(run_cfg: EvalConfig) -> dict[str, Any] | None:
         return None
     old = recorded_identity(out)
     same = old is not None and normalized(old) == normalized(eval_job.run_identity(run_cfg))
-    return results if same and results.get("complete") else None
+    if not (same and results.get("complete")):
+        return None
+    images = Path(results.get("images_dir") or out / "images")
+    damaged = [p for p in images.rglob("*") if p.is_file() and not p.name.startswith(".") and not looks_whole(p)]
+    return None if damaged else results  # a file cut short since: the eval rerun finds it and makes it again
 
 
 def table_row(name: str, bench: str, setting: str, r: dict[str, Any]) -> dict[str, Any]:
@@ -206,15 +212,15 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> Path:
         ax.set_ylabel("score")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # a full disk leaves the previous plot, never a 0-byte one
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     return path
 
 
 if __name__ == "__main__":
-    from jobs import sweep as job  # run as jobs.sweep, so eval's stage classes pickle by reference
-
     from jobs import entry
+    from jobs import sweep as job  # run as jobs.sweep, so eval's stage classes pickle by reference
 
     entry.run(job.main, "sweep")

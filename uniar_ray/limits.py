@@ -74,6 +74,19 @@ def decoder_max_side(root: str | Path) -> int | None:
     return int(tcfg["pos_embed_max_size"]) * int(tcfg.get("patch_size", 2)) * 2 ** (len(vcfg["block_out_channels"]) - 1)
 
 
+def decoder_output_size(root: str | Path, ar_height: int, ar_width: int,
+                        upsampling_ratio: float) -> tuple[int, int] | None:
+    """(height, width) of the decoder's images for an AR size, from the checkpoint's config files as
+    ``UniARDecoder.output_size`` computes it (None when the files do not say)."""
+    root = Path(root)
+    tcfg = _read_json(root / "sd3_transformer" / "config.json")
+    vcfg = _read_json(root / "sd3_pipeline" / "vae" / "config.json")
+    if "block_out_channels" not in vcfg:
+        return None
+    m = int(tcfg.get("patch_size", 2)) * 2 ** (len(vcfg["block_out_channels"]) - 1)
+    return m * max(1, round(ar_height * upsampling_ratio / m)), m * max(1, round(ar_width * upsampling_ratio / m))
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

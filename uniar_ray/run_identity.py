@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from uniar_ray.runlock import LOCK_NAME
+
 RECORD = "config.json"  # holds {"identity": {...}, ...}
 
 
@@ -52,7 +54,7 @@ def claim_folder(folder: str | Path, identity: dict[str, Any], *, overwrite: boo
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunIdentityError(f"{what}={folder} is a file, not a folder: choose another {what}")
-    if not folder.is_dir() or not any(folder.iterdir()):
+    if not folder.is_dir() or all(p.name.startswith(LOCK_NAME) for p in folder.iterdir()):  # the job's lock aside
         return "fresh"
     old = recorded_identity(folder)
     if old is not None and normalized(old) == normalized(identity):

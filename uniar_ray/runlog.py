@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from uniar_ray.files import atomic_write, naming
+
 
 class RunDir:
     """``RunDir(path)`` only names the folder; ``open()`` creates it. A folder counts as used (a fresh run moves to
@@ -33,6 +35,12 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.validation_path = self.path / "validation.jsonl"  # one line per validation (jobs/grpo_validation.py)
         self.identity: dict[str, Any] | None = None  # the run's config + data fingerprint (set by the GRPO job)
+        self.locks: list = []  # uniar_ray.runlock claims held for the run's life (released by close)
+
+    def close(self) -> None:
+        """Release the run folder's lock(s): another job may use the folder from now on."""
+        while self.locks:
+            self.locks.pop().release()
 
     def is_used(self) -> bool:
         metrics = self.path / "metrics.jsonl"
@@ -48,7 +56,7 @@ class RunDir:
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         clean = {k: _jsonable(v) for k, v in metrics.items()}
-        with open(self.metrics_path, "a") as f:
+        with naming(self.metrics_path), open(self.metrics_path, "a") as f:
             f.write(json.dumps(clean) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
@@ -70,9 +78,7 @@ class RunDir:
             return 0
         lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
         keep = [m for m in self.read_metrics() if m.get("step", -1) < upto_step]  # also drops older duplicates
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
-        tmp.rename(self.metrics_path)
+        atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in keep).encode()))
         for grid in (self.path / "grids").glob("step-*.png"):
             if int(grid.stem[len("step-"):]) >= upto_step:
                 grid.unlink()
@@ -128,8 +134,10 @@ class RunDir:
             bottom.legend(fontsize=8)
         fig.tight_layout()
         out = self.path / "reward_curve.png"
-        fig.savefig(out)
-        plt.close(fig)
+        try:  # a full disk leaves the previous curve, never a 0-byte file
+            atomic_write(out, lambda f: fig.savefig(f, format="png"))
+        finally:
+            plt.close(fig)
         return out
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -149,9 +157,7 @@ class RunDir:
         from uniar_ray.checkpoint import manifest
 
         state = dict(state, rng=capture_rng(), manifest=manifest(folder))
-        tmp = folder / "driver_state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.rename(folder / "driver_state.json")
+        atomic_write(folder / "driver_state.json", lambda f: f.write(json.dumps(state).encode()))
 
     def set_aside_checkpoints_after(self, step: int) -> Path | None:
         """Checkpoints after the one a resume continues from (a corrupt one, or the steps of the continuation this

@@ -75,7 +75,7 @@ def test_mix_json_path_outside_the_yaml_folder_is_an_error(tmp_path):
         assert "datasets[0].json_path" in str(e.value)
 
 
-def test_conversion_refuses_a_sample_symlinked_out_of_the_run(tmp_path, capsys):
+def test_conversion_refuses_a_sample_symlinked_out_of_the_run(tmp_path, run_job):
     run = tmp_path / "run" / "00000"
     write_bytes(run / "metadata.json", json.dumps(PromptRecord(0, "p", {}).to_dict()).encode())
     secret = write_bytes(tmp_path / "secret.png", b"not yours")
@@ -85,8 +85,9 @@ def test_conversion_refuses_a_sample_symlinked_out_of_the_run(tmp_path, capsys):
         list(iter_unified(tmp_path / "run"))
     from benchmarks import convert
 
-    code = convert.main(["--benchmark", "longtext", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "dst")])
-    assert code == 2 and "symlink out of" in capsys.readouterr().err
+    code, err = run_job(convert.main, "convert", ["--benchmark", "longtext", "--src", str(tmp_path / "run"), "--dst",
+                                                  str(tmp_path / "dst")])
+    assert code == 2 and "[convert] error: " in err and "symlink out of" in err
     assert not (tmp_path / "dst").exists()
 
 

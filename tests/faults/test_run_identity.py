@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from jobs import eval as eval_job
 from jobs import sweep
@@ -21,7 +22,8 @@ def first_run(eval_argv, *overrides):
     plan = eval_job.make_plan(cfg)
     plan.out_dir.mkdir(parents=True)
     (plan.out_dir / "config.json").write_text(json.dumps(plan.config_record()))
-    write_bytes(plan.images_dir / "0_0.png", b"64x64 image of the first run")
+    plan.images_dir.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(plan.images_dir / "0_0.png")  # a whole sample of the run's size
     write_bytes(plan.out_dir / "results.json", b'{"complete": true}')
     write_bytes(plan.out_dir / "notes.txt", b"the user's own file")
     return plan.out_dir

@@ -121,7 +121,13 @@ def _start_job(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jobs.grpo", "--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path / 'run'}",
            *FAST, "async_mode=one_step", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_signals)
+
+
+def _default_signals() -> None:
+    """In the child: SIGINT as a terminal gives it. A suite started in the background by a script has SIGINT
+    ignored, which the job would inherit (and rightly keep ignoring)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> list[str]:

@@ -18,7 +18,7 @@ OPTIONAL_KEYS_SUFFIXES = ("bsq.basis", "bsq.group_basis")
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint's tensors do not match the model built from its config.json."""
+    """The checkpoint's tensors do not match the model built from its config.json (or that file cannot be read)."""
 
 
 def resolve_ar_folder(path: str | Path) -> Path:
@@ -27,7 +27,11 @@ def resolve_ar_folder(path: str | Path) -> Path:
     if not root.exists():
         raise FileNotFoundError(f"checkpoint path {root} does not exist")
     cfg = root / "config.json"
-    if cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "uniar":
+    try:
+        here = cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "uniar"
+    except (ValueError, AttributeError) as e:
+        raise CheckpointMismatch(f"{cfg}: not a JSON object ({e}); copy the checkpoint again") from None
+    if here:
         return root
     if (root / "ar_model" / "config.json").is_file():
         return root / "ar_model"
