@@ -48,10 +48,11 @@ class WeightSync:
         leaves its reference in ``self.weights`` anyway."""
         if not self.collective or self.weights.ref is not None or self.weights.version == 0:
             return
-        behind = [i for i, v in enumerate(self._ask("weights_version")) if v is not None and v != self.weights.version]
+        # an engine that does not answer (restarting right now) counts as behind: it will come back at version 0
+        behind = [i for i, v in enumerate(self.ask("weights_version")) if v != self.weights.version]
         if behind:
-            print(f"[grpo] rollout engine(s) {behind} missed weights version {self.weights.version} (restarted?): "
-                  "publishing it to the object store for them", file=sys.stderr, flush=True)
+            print(f"[grpo] rollout engine(s) {behind} missed weights version {self.weights.version} (restarted, or "
+                  "restarting?): publishing it to the object store for them", file=sys.stderr, flush=True)
             self.publish()
 
     def publish(self) -> None:
@@ -90,7 +91,7 @@ class WeightSync:
 
     def _form_group(self) -> list:
         """The live engines, in one weight group with trainer rank 0; a new group when membership changed."""
-        names = self._ask("weight_group_name", missing="dead")
+        names = self.ask("weight_group_name", missing="dead")
         live = [e for e, n in zip(self.engines, names) if n != "dead"]
         if self.group is not None and live == self.members and all(n == self.group for n in names if n != "dead"):
             return live
@@ -106,7 +107,7 @@ class WeightSync:
         self.group, self.members = name, live
         return live
 
-    def _ask(self, method: str, missing=None) -> list:
+    def ask(self, method: str, missing=None) -> list:
         """``method()`` of every engine (waits for a restarting one); ``missing`` for an engine that is gone."""
         out = []
         for ref in [getattr(e, method).remote() for e in self.engines]:

@@ -39,16 +39,16 @@ def record_placement(run: RunDir, parts: "Parts", digests: bool = False) -> None
     rec = json.loads(path.read_text()) if path.exists() else {}
     rec.update(gcs_address=ray.get_runtime_context().gcs_address, driver_node_ip=ray.util.get_node_ip_address(),
                trainer_node_ips=parts.trainer.node_ips())
-    engines = parts.rollout_group.actors if parts.rollout_group is not None else []  # none when colocated
+    engines = parts.rollout_group is not None  # none when colocated; a dead engine's entries are null
     if engines:
-        rec["rollout_node_ips"] = ray.get([e.node_ip.remote() for e in engines])
+        rec["rollout_node_ips"] = parts.weight_sync.ask("node_ip")
     if digests:
         rec["trainer_param_sha256"] = parts.trainer.param_digests()
         if len(set(rec["trainer_param_sha256"])) > 1:
             print(f"[grpo] warning: trainer ranks hold different parameters: {rec['trainer_param_sha256']}",
                   file=sys.stderr)
         if engines:  # after the last sync every engine holds the trainer's weights (torch engines; vLLM: None)
-            rec["rollout_param_sha256"] = ray.get([e.param_digest.remote() for e in engines])
+            rec["rollout_param_sha256"] = parts.weight_sync.ask("param_digest")
             if {d for d in rec["rollout_param_sha256"] if d is not None} - {rec["trainer_param_sha256"][0]}:
                 print("[grpo] warning: a rollout engine holds other weights than trainer rank 0 (placement.json)",
                       file=sys.stderr)

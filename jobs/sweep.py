@@ -80,8 +80,10 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
 def preflight_sweep(cfg: SweepConfig) -> None:
     checkpoints = sweep_checkpoints(cfg)
     cells = [eval_config(cfg, name, model, bench, setting) for name, model in checkpoints.items()
-             for bench in cfg.benchmarks for setting in cfg.settings]
+             for bench in cfg.benchmarks if bench != VALIDATION for setting in cfg.settings]
     preflight.sweep(cfg, checkpoints, cells)
+    if VALIDATION in cfg.benchmarks:
+        grpo_run_config(cfg)  # the run's own validation needs its config.json: read it before Ray
 
 
 def sweep_checkpoints(cfg: SweepConfig) -> dict[str, ModelConfig]:
@@ -108,12 +110,19 @@ def run_validation(cfg: SweepConfig):
     if VALIDATION not in cfg.benchmarks:
         return None
     from jobs.grpo_validation import CheckpointScorer
+
+    return CheckpointScorer(grpo_run_config(cfg))
+
+
+def grpo_run_config(cfg: SweepConfig):
+    """The config of ``grpo_run`` (its config.json), which the validation cells sample and score with."""
     from uniar_ray.config import GRPORunConfig, from_dict
 
     config = Path(cfg.grpo_run) / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"sweep: benchmark validation needs the GRPO run's config.json, not found: {config}")
-    return CheckpointScorer(from_dict(GRPORunConfig, json.loads(config.read_text()), where=str(config)))
+        raise FileNotFoundError(2, "sweep: benchmark validation needs the GRPO run's config.json: not found",
+                                str(config))
+    return from_dict(GRPORunConfig, json.loads(config.read_text()), where=str(config))
 
 
 def label(setting: EvalSettings) -> str:

@@ -39,8 +39,8 @@ class ModelLimits:
             from uniar_ray.model.loading import resolve_ar_folder
             from uniar_ray.model.prompts import load_tokenizer
 
-            folder = resolve_ar_folder(model_path)
-            tokenizer, positions = load_tokenizer(folder), _positions(model_path)
+            positions = _positions(model_path)  # config.json first: a broken one is named, not the tokenizer's error
+            tokenizer = load_tokenizer(resolve_ar_folder(model_path))
         return cls(tokenizer, positions, decoder_max_side(decoder_root) if decoder_root else None)
 
     def count(self, prompt: str) -> int:

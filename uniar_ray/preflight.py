@@ -179,12 +179,9 @@ def check_output_folder(folder: Path, key: str) -> None:
     """``folder`` can be created and written: not a file, and the nearest existing folder on the way is a writable
     folder (not a file: an out_dir under a file fails here, not after the work)."""
     folder = Path(os.path.abspath(folder))
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(20, f"{key}={folder} is a file, not a folder; choose another {key}", str(folder))
     existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise NotADirectoryError(20, f"is a file, so {key}={folder} cannot be made under it; choose another {key}",
-                                 str(existing))
+    if not existing.is_dir():  # the folder itself, or a part of its path
+        raise ConfigError(f"{key}={folder}: {existing} is a file, not a folder: choose another {key}")
     if not os.access(existing, os.W_OK):
         raise PermissionError(13, f"cannot write there ({key}={folder})", str(existing))
 

@@ -260,7 +260,9 @@ def test_the_readme_cluster_commands_run_as_written(healthy):
     last = run_dir / "checkpoints" / "step-000030" / "model"
     for part in ("ar_model", "bsq_encoder", "sd3_transformer", "sd3_pipeline"):
         assert (last / part).resolve().is_dir(), part  # the decoder links resolve from the checkpoint
-    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == list(range(30))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows if "reward_mean" in m] == list(range(30))
+    assert "val/reward_mean" in rows[-1] and rows[-1]["step"] == 30  # and the trained policy's validation
 
 
 def test_node_loss_then_resume_continues_like_the_uninterrupted_run(reference_run, healthy, one_reward, tmp_path):

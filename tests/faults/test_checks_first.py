@@ -124,7 +124,7 @@ def test_plan_without_a_running_cluster_is_one_line(tmp_path, monkeypatch, capsy
 def test_eval_out_dir_under_a_file_fails_before_ray(run_job, eval_argv, tmp_path, no_ray):
     blocker = write_bytes(tmp_path / "a_file", b"not a folder")
     code, err = run_job(eval_job.main, "eval", [*eval_argv("geneval"), f"out_dir={blocker / 'out'}"])
-    assert code == 2 and f"{blocker}: is a file, so out_dir={blocker / 'out'} cannot be made under it" in err, err
+    assert code == 2 and f"out_dir={blocker / 'out'}: {blocker} is a file, not a folder: choose another out_dir" in err, err
     assert no_ray == [] and blocker.read_bytes() == b"not a folder"
 
 

@@ -18,7 +18,7 @@ from jobs import chat, entry, generate
 from jobs import eval as eval_job
 from jobs import grpo as grpo_job
 
-from faults_helpers import REPO, job_env, write_bytes
+from faults_helpers import REPO, job_env
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +159,6 @@ def test_grpo_run_dir_on_a_read_only_file_system_is_one_line(run_job, mount):
                                                f"run_dir={disk / 'run'}"])
     assert code == 2 and f"[grpo] error: {disk / 'run'}: Read-only file system; choose a folder on a writable " \
                          "file system" in err and "Traceback" not in err
-
-
-def test_eval_out_dir_under_a_file_is_one_line(run_job, eval_argv, tmp_path):
-    notes = write_bytes(tmp_path / "notes", b"a file")
-    code, err = run_job(eval_job.main, "eval", eval_argv("longtext", f"out_dir={notes / 'run'}"))
-    assert code == 2 and f"[eval] error: out_dir={notes / 'run'}: {notes} is a file, not a folder: choose another " \
-                         "out_dir" in err and "Traceback" not in err
-    assert notes.read_bytes() == b"a file"
 
 
 def test_eval_on_a_full_disk_is_one_line_naming_the_file(run_job, eval_argv, mount, monkeypatch):

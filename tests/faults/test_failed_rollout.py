@@ -15,7 +15,7 @@ import ray
 from faults_helpers import REPO
 
 FAST = ["data.prompts_per_step=2", "grpo.num_generations=4", "trainer.micro_batch_size=4", "decoder.max_batch=8",
-        "grpo.decode_num_inference_steps=2", "save_every=100", "grid_every=100"]
+        "grpo.decode_num_inference_steps=2", "save_every=100", "grid_every=100", "validation.every=0"]
 
 
 @pytest.fixture(scope="module")

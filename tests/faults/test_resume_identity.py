@@ -38,28 +38,43 @@ def old_run(tmp_path, monkeypatch):
     return run
 
 
+@pytest.fixture(scope="module")
+def elsewhere(tmp_path_factory):
+    """A policy and a decoder checkpoint other than the run's (tiny, other seeds)."""
+    from uniar_ray.decoder.tiny import write_tiny_decoder_checkpoint
+    from uniar_ray.model import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("elsewhere")
+    return {"policy": str(write_tiny_checkpoint(root / "policy", seed=5)),
+            "decoder": str(write_tiny_decoder_checkpoint(root / "decoder", seed=5, ar_model=False))}
+
+
 def _argv(run, *overrides):
     return ["--config", DEMO, f"run_dir={run}", "steps=4", *overrides, "--resume"]
 
 
 @pytest.mark.parametrize("overrides,key", [
     (["ar_height=128", "ar_width=128"], "ar_height: 64 -> 128 (changes the image size the policy is trained to"),
-    (["grpo.ref_model_path=/elsewhere/policy"], "grpo.ref_model_path: 'tiny' -> '/elsewhere/policy' (changes the KL"),
+    (["grpo.ref_model_path={policy}"], "grpo.ref_model_path: 'tiny' -> '{policy}' (changes the KL"),
     (["grpo.seed=7"], "grpo.seed: 42 -> 7 (changes the seeds of every roll-out"),
     (["data.seed=7"], "data.seed: 42 -> 7 (changes the prompt order"),
     (["model.tiny_seed=1"], "model.tiny_seed: 0 -> 1 (changes the policy"),
     (["decoder.tiny_seed=3"], "decoder.tiny_seed: 0 -> 3 (changes the decoder"),
-    (["decoder.path=/ckpt/UniAR", "decoder.tiny_bit_driven=false"], "decoder.path: 'tiny' -> '/ckpt/UniAR'"),
+    (["decoder.path={decoder}", "decoder.tiny_bit_driven=false"], "decoder.path: 'tiny' -> '{decoder}'"),
     (["grpo.decode_num_inference_steps=3"], "grpo.decode_num_inference_steps: 4 -> 3 (changes how the images"),
     (["decode_seed=sample"], "decode_seed: 'fixed' -> 'sample'"),
     (["rewards.models.target_color.weight=2.0"], "rewards.models.target_color.weight: 1.0 -> 2.0 (changes the reward"),
     (["rewards.models.target_color.target=[0,0,255]"],
      "rewards.models.target_color.target: [255.0, 0.0, 0.0] -> [0.0, 0.0, 255.0]"),
-    (["rewards.models.brightness={target: [0.5]}"], "rewards.models.brightness.kind: <unset> -> 'brightness'"),
+    (["rewards.models.brightness={target: [0.5], num_cpus: 0.25}"],
+     "rewards.models.brightness.kind: <unset> -> 'brightness'"),
     (["rollout.placement=colocated"], "rollout.placement: 'separate' -> 'colocated'"),
 ])
 def test_grpo_resume_that_changes_what_the_run_trains_is_refused_and_writes_nothing(
-        run_job, old_run, overrides, key):
+        run_job, old_run, overrides, key, elsewhere):
+    # other folders that exist (a path that does not is refused earlier, by the checks before Ray)
+    for name, path in elsewhere.items():
+        overrides, key = [o.replace(f"{{{name}}}", path) for o in overrides], key.replace(f"{{{name}}}", path)
     before = tree(old_run)
     code, _ = run_job(grpo_job.main, "grpo", _argv(old_run, *overrides))
     assert isinstance(code, str) and key in code, code  # SystemExit's message: what python -m prints, exit 1
@@ -94,10 +109,14 @@ def test_resume_identity_of_older_runs_reward_sets_and_validation():
     breaking, _ = ckpt.compare_identity(new, fewer)
     removed = "rewards.models.target_color.weight: 1.0 -> <unset> (changes the reward the run maximises"
     assert removed in "\n".join(breaking)
-    with_val = {**new, "validation": {"prompts": "a.jsonl", "every": 5, "seed": 0}}
-    for change in ({"prompts": "b.jsonl"}, {"every": 10}, {"seed": 1}):  # the whole section is identity for now
+    with_val = {**new, "validation": {**new["validation"], "prompt_file": "a.jsonl", "every": 5, "seed": 0}}
+    for change in ({"prompt_file": "b.jsonl"}, {"seed": 1}, {"num_generations": 8}, {"temperature": 0.5}):
         breaking, _ = ckpt.compare_identity(with_val, {**new, "validation": {**with_val["validation"], **change}})
         assert len(breaking) == 1 and "validation set" in breaking[0]
+    breaking, _ = ckpt.compare_identity(with_val, {**new, "validation": {**with_val["validation"], "holdout": 4}})
+    assert len(breaking) == 1 and "held-out prompts leave the training set" in breaking[0]
+    breaking, other = ckpt.compare_identity(with_val, {**new, "validation": {**with_val["validation"], "every": 10}})
+    assert breaking == [] and other == ["validation.every: 5 -> 10"]  # how often it runs may change
     assert ckpt.breaking_reason("grpo.learning_rate") is None and ckpt.breaking_reason("steps") is None
 
 
@@ -135,7 +154,7 @@ def test_a_prefetched_roll_out_is_reused_only_when_its_settings_match():
 def test_a_one_step_resume_with_another_temperature_samples_the_prefetched_step_again(tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(REPO)
     fast = ["steps=2", "save_every=1", "grid_every=1", "data.prompts_per_step=2", "grpo.num_generations=2",
-            "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=1",
+            "trainer.micro_batch_size=4", "validation.every=0", "decoder.max_batch=8", "grpo.decode_num_inference_steps=1",
             "async_mode=one_step", f"run_dir={tmp_path / 'run'}"]
     run = grpo_job.main(["--config", DEMO, *fast])
     assert (run / "checkpoints" / "step-000001" / grpo_run.PREFETCHED).exists()

@@ -22,9 +22,11 @@ from uniar_ray.checkpoint import check_checkpoint
 from uniar_ray.model import UniARPolicy
 
 REPO = Path(__file__).resolve().parents[2]
+# Validation is tested where a test names it (the demo validates every 5 steps); its sample count is part of a
+# run's identity, so it is the same in every run here.
 FAST = ["save_every=2", "grid_every=2", "data.prompts_per_step=2", "grpo.num_generations=4",
         "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
-        "validation.every=0"]  # validation: tested where named (the demo validates every 5 steps)
+        "validation.every=0", "validation.num_generations=2"]
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +44,7 @@ def run4(ray_local, tmp_path_factory):
     below; copy before use)."""
     path = tmp_path_factory.mktemp("grpo") / "run"
     return job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={path}", "steps=4", *FAST,
-                     "tracking.tensorboard=true", "tracking.wandb=true", "validation.every=2",
-                     "validation.num_generations=2"])  # the demo's 8 held-out prompts: the resumes keep them
+                     "tracking.tensorboard=true", "tracking.wandb=true", "validation.every=2"])
 
 
 def _copy(run: Path, dest: Path) -> Path:
