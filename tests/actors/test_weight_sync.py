@@ -4,6 +4,7 @@ trainer's saved model, nothing in the object store, and a restarted engine catch
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import ray
@@ -65,6 +66,18 @@ def _reqs():
     return [GenerationRequest(p, 64, 64, seed=s) for p, s in (("a red cat", 5), ("a blue dog", 6))]
 
 
+def _wait_restarted(engine, timeout_s: float = 300) -> None:
+    """Until the restarted engine answers with version 0 (calls made while it restarts raise and are sent again)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(engine.weights_version.remote(), timeout=timeout_s) == 0:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass
+    raise TimeoutError(f"the killed engine did not come back within {timeout_s} s")
+
+
 def _bits(results):
     return [r.bits() for r in results]
 
@@ -99,6 +112,7 @@ def test_collective_sync_then_a_restarted_engine_catches_up(ray_local, tmp_path)
         assert not all(torch.equal(a, b) for a, b in zip(_bits(samples), want))  # the update moved the samples
 
         ray.kill(engines[1], no_restart=False)  # Ray restarts it at model.path (version 0), out of the group
+        _wait_restarted(engines[1])  # ray.kill is asynchronous: a call sent now could still reach the old process
         ws.catch_up()  # what Parts does before every roll-out
         assert ws.weights.version == 1 and ws.weights.ref is not None  # published once, for the restarted one
         caught = ray.get(engines[1].generate.remote(_reqs(), ws.weights))
