@@ -35,11 +35,17 @@ def _init(ray, c) -> None:
         print(f"[ray] joined the cluster at {c.address} (GCS {ray.get_runtime_context().gcs_address})", file=sys.stderr)
     else:
         ignored = f"; RAY_ADDRESS={os.environ['RAY_ADDRESS']} ignored" if os.environ.get("RAY_ADDRESS") else ""
-        _token_for_local_ray()
-        ray.init(address="local", num_cpus=c.num_cpus or None, include_dashboard=c.dashboard,
-                 log_to_driver=c.log_to_driver)
+        init_local_ray(num_cpus=c.num_cpus or None, include_dashboard=c.dashboard, log_to_driver=c.log_to_driver)
         print(f"[ray] started an embedded local Ray (GCS {ray.get_runtime_context().gcs_address}{ignored}; "
               f"set cluster.address=auto to join a cluster)", file=sys.stderr)
+
+
+def init_local_ray(**kwargs) -> None:
+    """A new embedded Ray on this machine (jobs, perf scripts), with a token of its own unless the user set one."""
+    import ray
+
+    _token_for_local_ray()
+    ray.init(address="local", **kwargs)
 
 
 def _token_for_local_ray() -> None:

@@ -96,7 +96,9 @@ def main(argv=None):
     if not a.skip_pool:
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from jobs import init_local_ray  # a token of its own: never ~/.ray/auth_token
+
+        init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:  # one thread per actor, the RL server setting, 4 calls of 8
             one = _pool(settings["rl_server"], repeats, 1, 4 * batch, batch)
             print(json.dumps(one), flush=True)

@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="uniar-perf-eval-"))
     prompts = write_prompts(tmp / "prompts.jsonl", max(args.prompts, args.memory_prompts))
     t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from jobs import init_local_ray  # a token of its own: never ~/.ray/auth_token
+
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = {"ray_init_s": round(time.perf_counter() - t0, 2), "prompts": args.prompts, "ar": args.ar,
            "decoder_steps": args.steps, "batch": args.batch, "cpus": psutil.cpu_count(),
            "load_avg_start": [round(x, 1) for x in psutil.getloadavg()]}

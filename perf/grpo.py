@@ -39,7 +39,9 @@ def main(argv=None):
     ap.add_argument("--delay", type=float, default=0.0, help="simulated reward latency per call (s), e.g. a GPU judge")
     a = ap.parse_args(argv)
     extra = [f"rewards.models.target_color.delay_s={a.delay}"] if a.delay else []
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from jobs import init_local_ray  # a token of its own: never ~/.ray/auth_token
+
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     sync = run("sync", a.steps, extra)
     print(json.dumps(sync), flush=True)
     overlap = run("one_step", a.steps, extra)

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
         del model
 
     # 2. The Ray actors: all rewards in parallel vs one after another.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from jobs import init_local_ray  # a token of its own: never ~/.ray/auth_token
+
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         cpu_bound = _ray_modes(RewardGroup(cfg), images, prompts, tasks, metadata, args.repeats)
         stand_ins = _config_latency(args.latency)

@@ -114,10 +114,9 @@ def main(argv=None):
     ap.add_argument("--engines", type=int, default=1, help="rollout engines (each receives every sync)")
     ap.add_argument("--extra", nargs="*", default=[], help="config overrides, e.g. grpo.beta=0.0 to save memory")
     a = ap.parse_args(argv)
-    from jobs import _token_for_local_ray
+    from jobs import init_local_ray  # a token of its own: never ~/.ray/auth_token
 
-    _token_for_local_ray()  # a token of its own in the environment: Ray would otherwise write ~/.ray/auth_token
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
