@@ -3,7 +3,6 @@ generate_batch.py (meta, meta.meta, top level); layout check and unified-to-unif
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image

@@ -11,7 +11,7 @@ from benchmarks import NAMES
 from jobs import eval as eval_job
 from uniar_ray.config import EvalConfig, load_config
 
-from faults_helpers import REPO, prompt_lines, record, tree, write_bytes
+from faults_helpers import REPO, prompt_lines, record, write_bytes
 
 
 def user_saw(err: str) -> list[str]:

@@ -2,8 +2,6 @@
 beside the PNG, edit mode, progress bars, and bad arguments refused before any model loads."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 import ray
@@ -118,11 +117,13 @@ def test_one_step_async_mode_runs_and_corrects_for_staleness(ray_local, tmp_path
     assert rows[2]["train/sampling/sampling_logp_difference/max"] > 1e-4
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(ray_local, tmp_path):
-    # An absurd learning rate blows the weights up after step 0; step 1's loss is then not finite.
+@pytest.mark.parametrize("mode", ["sync", "one_step"])
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(ray_local, tmp_path, mode):
+    # An absurd learning rate blows the weights up after step 0; step 1's loss is then not finite (in one_step mode
+    # while step 2's roll-out is in flight: the job must not wait on it forever)
     with pytest.raises(SystemExit, match=r"step 1: the loss is nan.*last good checkpoint"):
         job.main(["--config", "configs/grpo_demo.yaml", f"run_dir={tmp_path / 'nan'}", *FAST,
-                  "grpo.learning_rate=1e30", "grpo.max_grad_norm=0.0"])
+                  "grpo.learning_rate=1e30", "grpo.max_grad_norm=0.0", f"async_mode={mode}"])
     saved = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
     assert saved == ["step-000001"]  # written after the good step 0; nothing after the bad step
     assert [m["step"] for m in _metrics(tmp_path / "nan")] == [0]
