@@ -74,6 +74,16 @@ def test_grpo_stopped_during_a_save_with_a_prefetch_in_flight_keeps_only_complet
 
 
 @pytest.mark.slow
+def test_grpo_interrupted_mid_run_with_the_next_step_in_flight(tmp_path):
+    run = tmp_path / "run"
+    job = Job("grpo", *GRPO_FAST, f"run_dir={run}", "async_mode=one_step", "save_every=100", "validation.every=0",
+              home=tmp_path / "home")
+    job.wait_for("[grpo] step    1")  # step 2 is being trained and step 3 rolled out in the background
+    out = stopped(job, signal.SIGINT, "[grpo] interrupted at step", run)
+    assert f"No checkpoint was written under {run}." in out
+
+
+@pytest.mark.slow
 def test_eval_stopped_while_writing_images_says_so_in_results_json(tmp_path, tiny_cache):
     out_dir = tmp_path / "out"
     job = Job("eval", "--config", "configs/eval/quick_tiny.yaml", "benchmark.name=longtext", "benchmark.limit=20",
