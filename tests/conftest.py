@@ -42,3 +42,16 @@ def tiny_checkpoint(tmp_path_factory, tiny_policy) -> Path:
     folder = tmp_path_factory.mktemp("ckpt") / "ar_model"
     tiny_policy.save_pretrained(folder)
     return folder.parent
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """An embedded Ray for one test module (2 CPUs, its own temp dir, the suite's token): a module that leaves
+    actors behind cannot starve the next one of CPUs."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    yield
+    ray.shutdown()
+

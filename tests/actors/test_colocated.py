@@ -11,14 +11,6 @@ import torch
 from uniar_ray.config import ConfigError, GRPORunConfig, load_config
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
 def _reqs():
     from uniar_ray.rollout import GenerationRequest
 

@@ -2,20 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import ray
 
 from actors.group import ActorGroup, split_even
 from actors.rollout_engine import RolloutEngineActor
 from uniar_ray.config import ModelConfig
 from uniar_ray.rollout import GenerationRequest, Rollout, RolloutError
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_split_even_keeps_order_and_sizes():

@@ -13,13 +13,6 @@ from uniar_ray.model import build_tiny_policy
 from uniar_ray.rollout import GenerationRequest, TorchRolloutEngine
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _rollouts(g: int = 4):
     engine = TorchRolloutEngine(build_tiny_policy(0))
     reqs = [GenerationRequest(p, 64, 64, seed=i) for i, p in enumerate(["a red cat"] * g + ["a blue dog"] * g)]

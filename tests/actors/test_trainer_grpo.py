@@ -20,16 +20,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the lambdas b
 
 
 @pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    # Own temp dir; the token comes from the environment (tests/conftest.py), never from a file in ~/.ray. Ray
-    # caches the token it first saw in this process, so a test must not switch it.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def samples():
     """8 rollouts of the tiny policy (2 prompts x 4), advantages set, one excluded."""
     engine = TorchRolloutEngine(build_tiny_policy(0))

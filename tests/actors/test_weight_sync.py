@@ -52,14 +52,6 @@ def test_gloo_group_broadcasts_buckets_into_named_tensors():
     assert wb.digest(named) == wb.digest(got[1].items())
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
-
-
 def _reqs():
     from uniar_ray.rollout import GenerationRequest
 

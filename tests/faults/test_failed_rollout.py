@@ -18,13 +18,6 @@ FAST = ["data.prompts_per_step=2", "grpo.num_generations=4", "trainer.micro_batc
         "grpo.decode_num_inference_steps=2", "save_every=100", "grid_every=100", "validation.every=0"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_an_engine_killed_mid_generate_excludes_its_groups_and_the_run_goes_on(ray_local, tmp_path, monkeypatch):
     import actors.rollout_engine as rollout_engine

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from jobs import grpo as job
@@ -29,13 +28,6 @@ FAST = ["save_every=2", "grid_every=2", "data.prompts_per_step=2", "grpo.num_gen
         "validation.every=0", "validation.num_generations=2"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

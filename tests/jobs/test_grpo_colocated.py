@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 
 from jobs import grpo as job
 from uniar_ray.config import GRPORunConfig, load_config
@@ -16,13 +15,6 @@ FAST = ["save_every=1", "grid_every=3", "data.prompts_per_step=2", "grpo.num_gen
         "rollout.placement=colocated"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_synchronous_steps_are_on_policy_without_engine_actors(ray_local):

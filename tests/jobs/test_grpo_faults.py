@@ -23,13 +23,6 @@ REWARD_DIES = ["rewards.models.target_color.delay_s=2.0", "rewards.models.target
                "rewards.max_restarts=0", "rewards.max_task_retries=0"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 

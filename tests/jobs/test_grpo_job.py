@@ -17,13 +17,6 @@ FAST = ["steps=3", "save_every=1", "grid_every=1", "data.prompts_per_step=2", "g
         "validation.every=0"]  # validation: tested where named (the demo validates every 5 steps)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _metrics(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 

@@ -4,13 +4,10 @@ validations (taken while a roll-out runs in the background) are reused up to the
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -21,15 +18,6 @@ FAST = ["steps=3", "save_every=1", "grid_every=1", "data.prompts_per_step=2", "g
         "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
         "async_mode=one_step", "decode_seed=sample",
         "validation.every=2", "validation.holdout=4", "validation.num_generations=2"]
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    os.environ.setdefault("RAY_AUTH_TOKEN", uuid.uuid4().hex)  # never a token file in ~/.ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    yield
-    ray.shutdown()
 
 
 def _metrics(path):

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import ray
 import torch
 
 from jobs import grpo as job
@@ -16,13 +15,6 @@ pytestmark = pytest.mark.slow  # Ray, the trainer and a vLLM start
 FAST = ["steps=2", "save_every=1", "grid_every=2", "data.prompts_per_step=2", "grpo.num_generations=4",
         "trainer.micro_batch_size=4", "decoder.max_batch=8", "grpo.decode_num_inference_steps=2",
         "rollout.backend=vllm", "rollout.max_batch=8", "rollout.vllm_kvcache_gib=0.25", "validation.every=0"]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _model_state(run_dir, step):

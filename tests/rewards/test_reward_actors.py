@@ -15,13 +15,6 @@ from rewards.router import build_router
 from uniar_ray.config import RewardConfig, from_dict
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(models, **top) -> RewardConfig:
     return from_dict(RewardConfig, {"models": models, **top})
 

@@ -10,7 +10,6 @@ import math
 import textwrap
 
 import pytest
-import ray
 import yaml
 
 from jobs import grpo as job
@@ -20,13 +19,6 @@ from uniar_ray.config import GRPORunConfig, load_config
 FAST = ["data.prompts_per_step=2", "grpo.num_generations=4", "trainer.micro_batch_size=4", "decoder.max_batch=8",
         "grpo.decode_num_inference_steps=2", "steps=1"]
 PIXEL_TASKS = ["ocr"]  # the pixel rewards' routing; self_judge scores every sample
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

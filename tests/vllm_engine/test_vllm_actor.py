@@ -15,13 +15,6 @@ from uniar_ray.rollout import GenerationRequest, Rollout, TorchRolloutEngine
 pytestmark = pytest.mark.slow  # a Ray start plus a vLLM start (~40 s on 2 cores)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_vllm_backend_in_the_rollout_actor(ray_local):
     actor = RolloutEngineActor.options(num_cpus=1).remote(ModelConfig(path="tiny"), RolloutConfig(backend="vllm", max_batch=4))
     reqs = [GenerationRequest("a red cat", 64, 64, seed=1), GenerationRequest("a blue dog", 64, 64, seed=2)]
