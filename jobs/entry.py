@@ -66,6 +66,7 @@ def run(main: Callable[[list[str]], Any], job: str, argv: list[str] | None = Non
     with stop_on_signals(job):
         try:
             main([a for a in argv if a != "--debug"])
+            raise_if_stopped()  # a job that finished after a signal whose exception was swallowed still stops
         except KeyboardInterrupt as e:
             print(f"[{job}] {describe_stop(e)}", file=sys.stderr, flush=True)
             sys.exit(exit_status(e))
@@ -168,6 +169,16 @@ class stop_on_signals:
               file=sys.stderr, flush=True)
         kill_descendants()
         os._exit(128 + self.signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise ``Stopped`` again if a stop signal arrived. Python runs a signal handler wherever the main thread is,
+    also inside a finalizer (Ray's ``ActorHandle.__del__``, for one), where a raised exception is printed and
+    dropped; the jobs call this at points of their normal flow (each GRPO step, each batch an eval writes), so a
+    signal is never lost there."""
+    for handler in stop_on_signals.active:
+        if handler.signum is not None:
+            raise Stopped(handler.signum)
 
 
 def kill_descendants() -> None:

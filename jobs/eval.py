@@ -396,6 +396,7 @@ def stream(plan: Plan) -> dict[str, float]:
                dynamic_ncols=True)
     with bar:
         for batch in build_dataset(plan).iter_batches(batch_size=None, batch_format="numpy"):
+            entry.raise_if_stopped()
             if first is None:  # start-up: Ray Data, both actor pools' model loads, the first batch through
                 first, first_n = time.perf_counter() - t0, len(batch["idx"])
             for idx, k, error, image in zip(batch["idx"], batch["k"], batch["error"], batch["image"]):

@@ -74,6 +74,7 @@ def train(cfg: GRPORunConfig, checked, run: RunDir, candidates: list, resumed: b
         pending = parts.prefetch(step, prefetched) if cfg.async_mode == "one_step" or prefetched else None
         validator = Validator(cfg, parts.val_records, run)
         for step in range(step, cfg.steps):
+            entry.raise_if_stopped()
             val = validator.at(parts, step, pending)  # held-out prompts, the policy this step samples from
             metrics, pending = grpo_step(cfg, parts, step, pending)
             metrics.update(val)
@@ -92,6 +93,7 @@ def train(cfg: GRPORunConfig, checked, run: RunDir, candidates: list, resumed: b
             stop = budget.record(metrics["excluded_groups_all"], metrics["groups"], parts.last_reasons)
             if stop:
                 raise SystemExit(f"[grpo] step {step}: stopping: {stop}. {last_checkpoint_note(run)}")
+        entry.raise_if_stopped()
         final = validator.at_end(parts)  # the trained policy: a row of its own, step = cfg.steps
         if final:
             run.log_metrics(final)

@@ -4,6 +4,7 @@ stage constructor), prints it in a few lines, exits 2; a real ``python -m jobs.e
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,6 +62,37 @@ def test_interrupt_exits_130(capsys):
     with pytest.raises(SystemExit) as e:
         entry.run(main, "eval", [])
     assert e.value.code == 130 and "[eval] interrupted" in capsys.readouterr().err
+
+
+class _SignalsItselfWhenCollected:
+    """Python runs a signal handler wherever the main thread is: in a finalizer, the handler's exception is printed
+    and dropped (as in Ray's ActorHandle.__del__)."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # bytecode for the handler to run in, inside this finalizer
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_sigterm_whose_exception_a_finalizer_swallowed_still_stops_the_job(capsys):
+    checks = []
+
+    def main(argv):
+        _SignalsItselfWhenCollected()  # collected at once: the Stopped raised in its __del__ goes nowhere
+        checks.append("went on")
+        entry.raise_if_stopped()  # what the jobs call at each step / batch
+        checks.append("not reached")
+
+    with pytest.raises(SystemExit) as e:
+        entry.run(main, "grpo", [])
+    assert checks == ["went on"] and e.value.code == 143 and "[grpo] stopped by SIGTERM" in capsys.readouterr().err
+
+    def finishes(argv):  # a job with no check point left: the wrapper stops it after main returns
+        _SignalsItselfWhenCollected()
+
+    with pytest.raises(SystemExit) as e:
+        entry.run(finishes, "eval", [])
+    assert e.value.code == 143 and "[eval] stopped by SIGTERM" in capsys.readouterr().err
 
 
 @pytest.mark.slow

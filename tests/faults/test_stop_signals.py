@@ -64,7 +64,7 @@ def test_grpo_stopped_during_a_save_with_a_prefetch_in_flight_keeps_only_complet
     run = tmp_path / "run"
     job = Job("grpo", *GRPO_FAST, f"run_dir={run}", "async_mode=one_step", "save_every=1", home=tmp_path / "home")
     wait_for_file(job, run / "checkpoints", "step-*")  # the first save has begun (its folder is made first)
-    out = stopped(job, signal.SIGTERM, "[grpo] stopped by SIGTERM at step 0; shutting down.", run)
+    out = stopped(job, signal.SIGTERM, "[grpo] stopped by SIGTERM at step", run)
     done = complete_checkpoints(run)
     for folder in all_checkpoints(run):  # a save the signal cut short is incomplete, and never offered
         assert (check_checkpoint(folder) is None) == (folder in done)
