@@ -34,11 +34,12 @@ SHORT = {"ar_height": "h", "ar_width": "w", "temperature": "T", "cfg_scale": "cf
 
 def main(argv: list[str] | None = None) -> Path:
     cfg, _ = parse_cli(SweepConfig, argv, default_config="configs/sweep.yaml")
-    preflight_sweep(cfg)  # before Ray: the checkpoints, every cell's eval config, this machine, the output folder
+    # before Ray: the checkpoints, every cell's eval config, the run's held-out prompts, this machine, the output
+    scorer = preflight_sweep(cfg)
     with runlock.claim(cfg.out_dir, "out_dir", "sweep"):  # one sweep per folder (each cell is claimed too)
         started = start_ray(cfg)
         try:
-            rows = run_sweep(cfg)
+            rows = run_sweep(cfg, scorer)
         finally:
             if started:
                 import ray
@@ -49,10 +50,12 @@ def main(argv: list[str] | None = None) -> Path:
     return Path(cfg.out_dir).resolve()
 
 
-def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
+def run_sweep(cfg: SweepConfig, scorer=None) -> list[dict[str, Any]]:
+    """Every cell; ``scorer`` (from ``preflight_sweep``) runs the GRPO run's own validation cells."""
     out = Path(cfg.out_dir)
     rows = []
-    scorer = run_validation(cfg)  # the GRPO run's own validation, when benchmarks lists it
+    if scorer is None:
+        scorer = run_validation(cfg)
     try:
         for name, model in sweep_checkpoints(cfg).items():
             for bench in cfg.benchmarks:
@@ -77,13 +80,14 @@ def run_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def preflight_sweep(cfg: SweepConfig) -> None:
+def preflight_sweep(cfg: SweepConfig):
+    """The checks before Ray; returns the validation scorer (the run's config.json and held-out prompts, its data
+    files fetched and verified) when ``benchmarks`` lists validation, else None."""
     checkpoints = sweep_checkpoints(cfg)
     cells = [eval_config(cfg, name, model, bench, setting) for name, model in checkpoints.items()
              for bench in cfg.benchmarks if bench != VALIDATION for setting in cfg.settings]
     preflight.sweep(cfg, checkpoints, cells)
-    if VALIDATION in cfg.benchmarks:
-        grpo_run_config(cfg)  # the run's own validation needs its config.json: read it before Ray
+    return run_validation(cfg)
 
 
 def sweep_checkpoints(cfg: SweepConfig) -> dict[str, ModelConfig]:

@@ -78,6 +78,21 @@ def test_every_save_writes_a_model_folder_that_loads_and_differs(run4):
     assert max((ds[k].float() - b[k].float()).abs().max().item() for k in ds) == 0.0
 
 
+def test_sweep_finds_a_missing_data_file_of_the_run_before_it_starts_anything(run4, tmp_path, monkeypatch):
+    """The validation cells need the run's held-out prompts: their data is fetched and checked before Ray."""
+    from jobs import sweep
+
+    run = tmp_path / "run"
+    shutil.copytree(run4, run, symlinks=True)
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["path"] = str(tmp_path / "gone" / "mix.yaml")
+    (run / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sweep, "start_ray", lambda cfg: pytest.fail("Ray started before the data was checked"))
+    with pytest.raises(Exception, match=r"gone/mix\.yaml"):
+        sweep.main(["--config", "configs/sweep_grpo_run.yaml", f"grpo_run={run}", f"out_dir={tmp_path / 's'}"])
+    assert not (tmp_path / "s").exists()
+
+
 def test_sweep_over_the_runs_checkpoints_gives_one_row_each(run4, tmp_path):
     from jobs import sweep
 
