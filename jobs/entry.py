@@ -36,6 +36,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors a person fixes by changing a config, a data file, a model folder or a permission; anything else is a
     bug and keeps its traceback."""
     from benchmarks.common import PromptFileError
+    from uniar_ray.checkpoint import ResumeError
     from uniar_ray.config import ConfigError
     from uniar_ray.data import DataError
     from uniar_ray.limits import LimitError
@@ -45,7 +46,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from uniar_ray.runlock import FolderInUse
 
     return (UserError, ConfigError, DataError, PromptFileError, LimitError, CheckpointMismatch, CorruptWeightFile,
-            PathOutsideRoot, RunIdentityError, FolderInUse, FileNotFoundError, PermissionError, IsADirectoryError,
+            PathOutsideRoot, RunIdentityError, ResumeError, FolderInUse, FileNotFoundError, PermissionError, IsADirectoryError,
             NotADirectoryError, UnicodeDecodeError)
 
 

@@ -25,7 +25,6 @@ from jobs.grpo_run import (check_run_folder, last_checkpoint_note, open_run, rec
                            save_checkpoint)
 from jobs.grpo_validation import Validator
 from jobs.grpo_validation import summary_line as validation_summary
-from uniar_ray import checkpoint as ckpt
 from uniar_ray import gallery, grpo, preflight
 from uniar_ray.config import GRPORunConfig, parse_cli, to_dict
 from uniar_ray.files import atomic_write
@@ -41,10 +40,7 @@ def main(argv: list[str] | None = None):
     if args.plan:
         return show_plan(cfg, args.cluster_file)
     checked = preflight.grpo(cfg)  # everything that loads no weights, before Ray and the folder
-    try:
-        run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
-    except ckpt.ResumeError as e:
-        raise SystemExit(f"[grpo] {e}") from None
+    run, candidates = open_run(cfg, args.resume)  # a resume that would break the run stops here, nothing written
     started = False  # the folder is this job's from here until the end, whatever ends it
     try:
         started = start_ray(cfg)

@@ -76,9 +76,9 @@ def test_grpo_resume_that_changes_what_the_run_trains_is_refused_and_writes_noth
     for name, path in elsewhere.items():
         overrides, key = [o.replace(f"{{{name}}}", path) for o in overrides], key.replace(f"{{{name}}}", path)
     before = tree(old_run)
-    code, _ = run_job(grpo_job.main, "grpo", _argv(old_run, *overrides))
-    assert isinstance(code, str) and key in code, code  # SystemExit's message: what python -m prints, exit 1
-    assert "breaks the run" in code and "Nothing was changed on disk" in code
+    code, err = run_job(grpo_job.main, "grpo", _argv(old_run, *overrides))
+    assert code == 2 and key in err, err  # a user error: one message, exit 2, no traceback
+    assert "[grpo] error: --resume: the config differs" in err and "Nothing was changed on disk" in err
     assert tree(old_run) == before  # config.json included: the refused resume rewrote nothing
 
 

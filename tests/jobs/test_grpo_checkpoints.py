@@ -157,7 +157,7 @@ def test_resume_that_breaks_the_run_is_refused_and_changes_nothing(run4, tmp_pat
         p = subprocess.run([sys.executable, "-m", "jobs.grpo", "--config", "configs/grpo_demo.yaml", f"run_dir={run}",
                             "steps=6", *FAST, override, "--resume"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=120)
-        assert p.returncode != 0, p.stderr
+        assert p.returncode == 2, p.stderr  # a user error
         assert key in p.stderr and "breaks the run" in p.stderr and "Nothing was changed on disk" in p.stderr
         assert "Traceback" not in p.stderr
         assert _tree(run) == before  # config.json included
