@@ -108,6 +108,16 @@ def test_self_judge_alone_starts_no_decoder(ray_local, tmp_path, monkeypatch):
     assert m["time/decode"] == 0.0 and not m["skipped_update"]
     assert all(im is None for im in parts.last_images)
     assert all(0.0 < r.rewards["self_judge"] < 1.0 for r in parts.last_batch.rollouts)
+    # the sweep's validation cell of such a run starts no decoder either
+    from jobs.grpo_validation import CheckpointScorer
+    from uniar_ray.config import ModelConfig
+
+    scorer = CheckpointScorer(cfg)
+    try:
+        cell = scorer.cell(ModelConfig(path="tiny"), tmp_path / "cell")
+    finally:
+        scorer.close()
+    assert cell["complete"] and 0.0 < cell["score"] < 1.0
 
 
 def test_server_down_stops_the_run_naming_reward_and_url(ray_local, tmp_path, dead_url):
