@@ -46,8 +46,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from uniar_ray.runlock import FolderInUse
 
     return (UserError, ConfigError, DataError, PromptFileError, LimitError, CheckpointMismatch, CorruptWeightFile,
-            PathOutsideRoot, RunIdentityError, ResumeError, FolderInUse, FileNotFoundError, PermissionError, IsADirectoryError,
-            NotADirectoryError, UnicodeDecodeError)
+            PathOutsideRoot, RunIdentityError, ResumeError, FolderInUse, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError, UnicodeDecodeError)
 
 
 def is_fs_error(err: BaseException) -> bool:

@@ -40,7 +40,6 @@ class Parts:
     def __init__(self, cfg: GRPORunConfig, checked=None):
         """``checked``: what ``uniar_ray.preflight.grpo`` read before Ray started (the job passes it); None: read and
         check the data here (tests, tools). Either way the data is ready before any actor starts."""
-        from actors.decoder_pool import DecoderPool
         from actors.group import ActorGroup
         from actors.reward_models import RewardGroup
         from actors.rollout_engine import RolloutEngineActor
@@ -59,8 +58,7 @@ class Parts:
         self.colocated = r.placement == "colocated"
         self.rollout_group = None if self.colocated else ActorGroup(
             RolloutEngineActor, r.num_actors, {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}, cfg.model, r)
-        # Only when some reward reads pixels: a run whose rewards all read bits (self_judge) decodes nothing.
-        self.decoder = DecoderPool(cfg.decoder) if cfg.rewards.pixel_rewards else NoDecoder()
+        self.decoder = decoder_pool(cfg)
         self.rewards = RewardGroup(cfg.rewards)
         self.trainer = TrainerGroup(cfg.model, cfg.grpo, cfg.trainer, cfg.steps, rollout=r)
         # the weights the engines sample with (rollout.weight_sync; colocated: a version count)
@@ -307,6 +305,14 @@ class NoDecoder:
 
     def shutdown(self) -> None:
         pass
+
+
+def decoder_pool(cfg: GRPORunConfig):
+    """The run's decoder pool, started only when some reward reads pixels: a run whose rewards all read bits
+    (self_judge) decodes nothing."""
+    from actors.decoder_pool import DecoderPool
+
+    return DecoderPool(cfg.decoder) if cfg.rewards.pixel_rewards else NoDecoder()
 
 
 def pixel_samples(cfg: GRPORunConfig, batch) -> list[int]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs.grpo_parts import NoDecoder, Parts, _Batch
+from jobs.grpo_parts import Parts, _Batch, decoder_pool
 from uniar_ray.config import GRPORunConfig, ModelConfig
 from uniar_ray.data import split_prompts
 from uniar_ray.rollout import GenerationRequest
@@ -214,12 +214,9 @@ class CheckpointScorer:
         from actors.rollout_engine import RolloutEngineActor
 
         if self.decoder is None:
-            from actors.decoder_pool import DecoderPool
             from actors.reward_models import RewardGroup
 
-            # as in the run: no decoder pool when every reward reads the bits
-            self.decoder = DecoderPool(self.cfg.decoder) if self.cfg.rewards.pixel_rewards else NoDecoder()
-            self.rewards = RewardGroup(self.cfg.rewards)
+            self.decoder, self.rewards = decoder_pool(self.cfg), RewardGroup(self.cfg.rewards)  # as the run's
         r = self.cfg.rollout
         mine = dataclasses.replace(self.cfg.model, path=model.path, dtype=model.dtype, device=model.device)
         self.rollout_group = ActorGroup(RolloutEngineActor, r.num_actors,
